@@ -1,0 +1,128 @@
+"""Configuration: small dataclasses with named presets, saved into every checkpoint.
+
+A `Config` round-trips through a plain dict (`asdict` / `Config.from_dict`), so a checkpoint or a run's
+`config.json` alone is enough to rebuild every model of a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 256        # slices are resized to this on load; the latent grid is image_size / 2**downsamples
+    hidden: int = 128            # channels after the last downsampling
+    res_hidden: int = 32         # bottleneck width of each residual block
+    n_res: int = 2
+    downsamples: int = 2         # number of stride-2 convs in the encoder (and transposed convs in the decoder)
+    num_codes: int = 512         # K
+    code_dim: int = 128          # D
+    beta: float = 0.25           # commitment weight
+    codebook: str = "ema"        # "ema" (default) or "loss" (the report's codebook loss)
+    ema_decay: float = 0.99
+    dead_after: int = 100        # a code unused for this many training steps is restarted from an encoder output
+
+    @property
+    def latent_size(self) -> int:
+        return self.image_size // 2 ** self.downsamples
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 15
+    batch_size: int = 32
+    lr: float = 1e-3
+    amp: str = "auto"            # "auto": bf16 autocast on CUDA only (measured slower on this 2-core CPU), "bf16", "off"
+    compile: bool = False        # torch.compile the model (off by default: compile time outweighs short runs)
+    log_every: int = 20          # steps between loss logs; losses are read back to the host only this often
+    eval_images: int = 16        # originals/reconstructions shown in TensorBoard and figures
+
+
+@dataclass
+class GANConfig:
+    head: str = "snap"           # "snap": continuous map snapped to the codebook; "logits": per-position code logits
+    noise_dim: int = 128
+    g_width: int = 256           # generator channels at its first 4x4 map (halved per upsampling, floor 32)
+    d_width: int = 64            # discriminator channels at its first layer (doubled per downsampling)
+    epochs: int = 30
+    batch_size: int = 64
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    tau: float = 1.0             # Gumbel-softmax temperature of the "logits" head
+
+
+@dataclass
+class PriorConfig:
+    kind: str = "gan"            # which prior generates new slices: "gan" (the report's) or "pixelcnn"
+    hidden: int = 128
+    layers: int = 12
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-3
+    temperature: float = 1.0
+    top_k: int = 0               # 0: sample from the full distribution
+
+
+@dataclass
+class Config:
+    preset: str = "paper"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    gan: GANConfig = field(default_factory=GANConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    n_samples: int = 64          # generated slices for figures and generation metrics
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Config":
+        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        kwargs = {}
+        for key, value in d.items():
+            if key not in parts:
+                raise ValueError(f"unknown config field {key!r}")
+            sub = {"model": ModelConfig, "train": TrainConfig, "gan": GANConfig, "prior": PriorConfig}.get(key)
+            kwargs[key] = sub(**value) if sub else value
+        return cls(**kwargs)
+
+
+def _paper() -> Config:
+    return Config(preset="paper")
+
+
+def _quick() -> Config:
+    # Minutes on a 2-core CPU: half resolution, narrower layers, K=128 so that a few thousand training
+    # slices can still use nearly every code.
+    return Config(
+        preset="quick",
+        model=ModelConfig(image_size=128, hidden=64, res_hidden=32, num_codes=128, code_dim=32, dead_after=50),
+        train=TrainConfig(epochs=6, batch_size=32, lr=2e-3),
+        gan=GANConfig(g_width=128, d_width=32, epochs=30, batch_size=64),
+        prior=PriorConfig(hidden=64, layers=8, epochs=10, batch_size=32),
+        n_samples=64,
+    )
+
+
+def _tiny() -> Config:
+    # For tests: seconds end to end.
+    return Config(
+        preset="tiny",
+        model=ModelConfig(image_size=32, hidden=16, res_hidden=8, n_res=1, num_codes=16, code_dim=8, dead_after=5),
+        train=TrainConfig(epochs=2, batch_size=8, lr=2e-3, log_every=2, eval_images=4),
+        gan=GANConfig(noise_dim=16, g_width=32, d_width=8, epochs=2, batch_size=8),
+        prior=PriorConfig(hidden=16, layers=2, epochs=2, batch_size=8),
+        n_samples=8,
+    )
+
+
+PRESETS = {"paper": _paper, "quick": _quick, "tiny": _tiny}
+
+
+def preset(name: str) -> Config:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[name]()

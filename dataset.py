@@ -1,0 +1,304 @@
+"""OASIS slice splits: find them, decode every PNG once into a uint8 cache, serve batches from the device.
+
+    python dataset.py --data-dir DIR            # counts, image size, intensity statistics, cache, montage
+    python dataset.py --synthetic OUT [--cases N]   # write the built-in synthetic set in the OASIS layout
+
+`DIR` is the folder holding `keras_png_slices_{train,validate,test}` or its parent (the folder that holds
+`keras_png_slices_data`). Segmentation folders (`keras_png_slices_seg_*`) and non-PNG files are ignored.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+SPLITS = ("train", "validate", "test")
+CACHE_VERSION = 1
+BUILTIN_DIR = Path(__file__).resolve().parent / "data" / "builtin"
+
+
+class DataError(Exception):
+    """A problem with the user's data, reported as one line without a traceback."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor     # uint8, N x 1 x H x W, on the device it will be consumed on
+    names: list[str]         # file names, in natural order
+    folder: Path
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def to(self, device) -> "Split":
+        return Split(self.images.to(device), self.names, self.folder)
+
+
+# ---------------------------------------------------------------- finding files
+
+def natural_key(name: str) -> list:
+    """Sort key that puts case_2 before case_10 and slice_2 before slice_10."""
+    return [int(tok) if tok.isdigit() else tok.lower() for tok in re.split(r"(\d+)", name)]
+
+
+def split_folder_name(split: str) -> str:
+    return f"keras_png_slices_{split}"
+
+
+def find_root(data_dir) -> Path:
+    """The folder holding the split folders: `data_dir` itself or its `keras_png_slices_data` child."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"{data_dir}: no such folder (expected the OASIS keras_png_slices_data folder)")
+    for root in (data_dir, data_dir / "keras_png_slices_data"):
+        if any((root / split_folder_name(s)).is_dir() for s in SPLITS):
+            return root
+    wanted = ", ".join(split_folder_name(s) for s in SPLITS)
+    raise DataError(f"{data_dir}: none of the split folders found (expected {wanted}, "
+                    "here or in keras_png_slices_data/)")
+
+
+def list_pngs(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise DataError(f"{folder}: split folder missing")
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png"), key=lambda p: natural_key(p.name))
+    if not files:
+        raise DataError(f"{folder}: no PNG files (expected case_XXX_slice_Y.nii.png slices)")
+    return files
+
+
+# ---------------------------------------------------------------- decoding
+
+def decode_png(path: Path, size: int) -> tuple[np.ndarray, bool]:
+    """One slice as uint8 size x size gray, and whether it had to be resized.
+
+    RGB(A) goes through ITU-R 601 luma (alpha dropped), 16-bit through its full 0..65535 range.
+    """
+    try:
+        with Image.open(path) as im:
+            im.load()
+            gray = to_gray_float(im)
+    except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not a decodable PNG ({e})") from None
+    except OSError as e:
+        if isinstance(e, (FileNotFoundError, PermissionError, IsADirectoryError)) or e.errno:
+            raise DataError(f"{path}: cannot read file ({e.strerror or e})") from None
+        raise DataError(f"{path}: not a decodable PNG, truncated or corrupt ({e})") from None
+    resized = gray.shape != (size, size)
+    if resized:
+        gray = np.asarray(Image.fromarray(gray, mode="F").resize((size, size), Image.BILINEAR))
+    return np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8), resized
+
+
+def to_gray_float(im: Image.Image) -> np.ndarray:
+    """float32 gray in [0, 1] for any PNG mode."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(im, dtype=np.float32)
+        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        return a / peak
+    if im.mode in ("RGBA", "LA", "PA"):
+        im = im.convert("RGB" if im.mode == "RGBA" else "L")
+    if im.mode != "L":
+        im = im.convert("L")
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple[np.ndarray, list[str]]:
+    """Decode files in parallel threads (PIL releases the GIL); returns N x 1 x size x size uint8."""
+    from tqdm import tqdm
+
+    def one(path):
+        try:
+            return decode_png(path, size)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            print(f"warning: skipping {e}", file=sys.stderr)
+            return None
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        results = list(tqdm(pool.map(one, files), total=len(files), desc=desc, unit="img", leave=False,
+                            disable=len(files) < 200))
+    kept = [(f, r) for f, r in zip(files, results) if r is not None]
+    if not kept:
+        raise DataError(f"{files[0].parent}: no decodable PNG files")
+    n_resized = sum(r[1] for _, r in kept)
+    if n_resized:
+        print(f"{files[0].parent.name}: resized {n_resized} of {len(kept)} slices to {size}x{size}")
+    array = np.stack([r[0] for _, r in kept])[:, None]
+    return array, [f.name for f, _ in kept]
+
+
+# ---------------------------------------------------------------- the cache
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("OASIS_VQVAE_CACHE", Path.home() / ".cache" / "oasis-vqvae"))
+
+
+def cache_key(files: list[Path], size: int, skip_bad: bool) -> str:
+    h = hashlib.sha256(f"{CACHE_VERSION}|{size}|{skip_bad}".encode())
+    for f in files:
+        try:
+            st = f.stat()
+            h.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+        except OSError:  # decoding names the file (or --skip-bad skips it)
+            h.update(f"|{f.name}|unreadable".encode())
+    return h.hexdigest()
+
+
+def cache_paths(folder: Path, size: int, cache_dir: Path) -> tuple[Path, Path]:
+    # One cache entry per (folder, size): a changed folder overwrites its own entry instead of piling up.
+    stem = hashlib.sha256(f"{folder.resolve()}|{size}".encode()).hexdigest()[:16]
+    return cache_dir / f"{folder.name}-{size}-{stem}.npy", cache_dir / f"{folder.name}-{size}-{stem}.json"
+
+
+def atomic_write(path: Path, write) -> None:
+    """Write through a temp file in the same folder and rename, so no reader ever sees half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_folder(folder, size: int = 256, cache_dir=None, skip_bad: bool = False) -> tuple[np.ndarray, list[str]]:
+    """All PNG slices of one folder as uint8 N x 1 x size x size, decoded once and cached on disk."""
+    folder = Path(folder)
+    files = list_pngs(folder)
+    cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+    array_path, meta_path = cache_paths(folder, size, cache_dir)
+    key = cache_key(files, size, skip_bad)
+    cached = read_cache(array_path, meta_path, key)
+    if cached is not None:
+        return cached
+    array, names = decode_all(files, size, skip_bad, desc=f"decoding {folder.name}")
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(array_path, lambda p: np.save(p.open("wb"), array))
+        atomic_write(meta_path, lambda p: p.write_text(json.dumps({"key": key, "names": names})))
+    except OSError as e:  # a read-only cache only costs speed
+        print(f"warning: could not write cache in {cache_dir} ({e.strerror or e})", file=sys.stderr)
+    return array, names
+
+
+def read_cache(array_path: Path, meta_path: Path, key: str):
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("key") != key:
+            return None
+        array = np.load(array_path)
+    except (OSError, ValueError):
+        return None
+    return (array, meta["names"]) if len(array) == len(meta["names"]) else None
+
+
+def load_split(data_dir, split: str, size: int = 256, cache_dir=None, skip_bad: bool = False) -> Split:
+    folder = find_root(data_dir) / split_folder_name(split)
+    array, names = load_folder(folder, size, cache_dir, skip_bad)
+    return Split(torch.from_numpy(array), names, folder)
+
+
+def load_splits(data_dir, size: int = 256, cache_dir=None, skip_bad: bool = False, splits=SPLITS) -> dict[str, Split]:
+    find_root(data_dir)  # fail on a bad root before touching any split
+    return {s: load_split(data_dir, s, size, cache_dir, skip_bad) for s in splits}
+
+
+# ---------------------------------------------------------------- batches
+
+def epoch_permutation(n: int, seed: int, epoch: int, device="cpu") -> torch.Tensor:
+    """The same shuffled order for a (seed, epoch) on every machine and every rank."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g).to(device)
+
+
+def to_float(images_u8: torch.Tensor) -> torch.Tensor:
+    """uint8 slices -> float32 in [0, 1], on whatever device they live on."""
+    return images_u8.float().div_(255.0)
+
+
+def batches(images_u8: torch.Tensor, batch_size: int, order: torch.Tensor | None = None, drop_last: bool = False):
+    """Float batches indexed straight out of the resident uint8 tensor: no per-image Python."""
+    n = len(images_u8) if order is None else len(order)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = slice(start, start + batch_size) if order is None else order[start:start + batch_size]
+        yield to_float(images_u8[idx])
+
+
+# ---------------------------------------------------------------- built-in data
+
+def ensure_builtin(out_dir=BUILTIN_DIR, size: int = 256) -> Path:
+    """The built-in synthetic set, generated on first use (deterministic, a few seconds)."""
+    out_dir = Path(out_dir)
+    if not (out_dir / split_folder_name("train")).is_dir():
+        from synthetic import write_synthetic_dataset
+        write_synthetic_dataset(out_dir, size=size)
+    return out_dir
+
+
+def split_cases(total: int) -> tuple[int, int, int]:
+    held = max(1, round(total * 0.115))
+    if total - 2 * held < 1:
+        raise DataError(f"--cases {total}: need at least 3 cases (one per split)")
+    return total - 2 * held, held, held
+
+
+# ---------------------------------------------------------------- CLI
+
+def describe(data_dir, size: int, cache_dir, skip_bad: bool, montage: Path) -> None:
+    root = find_root(data_dir)
+    present = [s for s in SPLITS if (root / split_folder_name(s)).is_dir()]
+    print(f"data root: {root}")
+    print(f"cache:     {Path(cache_dir) if cache_dir else default_cache_dir()}")
+    shown = None
+    for s in present:
+        split = load_split(root, s, size, cache_dir, skip_bad)
+        x = split.images.float() / 255
+        brain = x[x > 0]
+        print(f"{s:9s} {len(split):6d} slices  {size}x{size}  mean {x.mean():.3f}  std {x.std():.3f}  "
+              f"background {float((x == 0).float().mean()):.1%}  brain mean {brain.mean():.3f}")
+        shown = split if s == "train" or shown is None else shown
+    from figures import save_montage
+    save_montage(to_float(shown.images[:: max(1, len(shown) // 32)][:32]), montage,
+                 title=f"{root.name} / {shown.folder.name}")
+    print(f"montage:   {montage}")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", help="OASIS folder (holding keras_png_slices_{train,validate,test}) to describe")
+    p.add_argument("--synthetic", metavar="OUT_DIR", help="write the built-in synthetic set here")
+    p.add_argument("--cases", type=int, default=52, help="cases to write with --synthetic, 32 slices each (default: 52)")
+    p.add_argument("--size", type=int, default=256, help="slice size in pixels (default: 256)")
+    p.add_argument("--cache-dir", help="where decoded splits are cached (default: $OASIS_VQVAE_CACHE or ~/.cache/oasis-vqvae)")
+    p.add_argument("--skip-bad", action="store_true", help="skip undecodable or unreadable PNGs with a warning")
+    p.add_argument("--montage", type=Path, default=Path("montage.png"), help="montage PNG to write (default: montage.png)")
+    args = p.parse_args(argv)
+    if not args.data_dir and not args.synthetic:
+        p.error("give --data-dir DIR or --synthetic OUT_DIR")
+    try:
+        if args.synthetic:
+            from synthetic import write_synthetic_dataset
+            counts = write_synthetic_dataset(args.synthetic, cases=split_cases(args.cases), size=args.size)
+            print(f"wrote {counts} slices to {args.synthetic}")
+        if args.data_dir:
+            describe(args.data_dir, args.size, args.cache_dir, args.skip_bad, args.montage)
+    except (DataError, FileExistsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

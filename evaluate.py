@@ -1,0 +1,92 @@
+"""Inference over whole splits, shared by training and prediction: encode, reconstruct, sample, measure.
+
+Splits arrive as uint8 N x 1 x H x W tensors (on any device) and are processed in batches on `device`.
+"""
+from __future__ import annotations
+
+import torch
+
+import metrics
+from dataset import batches
+from runs import autocast
+
+
+@torch.no_grad()
+def encode_split(vqvae, images_u8, batch_size: int, device, bf16: bool = False) -> torch.Tensor:
+    """Code-index maps of a whole split, N x h x w int16 on `device` (K <= 32767 keeps them small)."""
+    out = []
+    for x in batches(images_u8, batch_size):
+        with autocast(device, bf16):
+            out.append(vqvae.encode_indices(x.to(device, non_blocking=True)).to(torch.int16))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def reconstruct(vqvae, images_u8, batch_size: int, device, bf16: bool = False):
+    """Yields (original, reconstruction clipped to [0, 1], index map) batches, originals and recons on CPU."""
+    for x in batches(images_u8, batch_size):
+        x = x.to(device, non_blocking=True)
+        with autocast(device, bf16):
+            recon, _, idx = vqvae(x)
+        yield x.cpu(), recon.float().clamp_(0, 1).cpu(), idx
+
+
+@torch.no_grad()
+def evaluate_vqvae(vqvae, images_u8, batch_size: int, device, bf16: bool = False) -> dict:
+    """Whole-split reconstruction metrics: MSE, SSIM and PSNR per image averaged, code usage and perplexity."""
+    was_training = vqvae.training
+    vqvae.eval()
+    ssim, psnr, sq_err = [], [], []
+    counts = torch.zeros(vqvae.cfg.num_codes, dtype=torch.long, device=device)
+    for x, recon, idx in reconstruct(vqvae, images_u8, batch_size, device, bf16):
+        ssim.append(metrics.ssim_per_image(recon, x))
+        psnr.append(metrics.psnr_per_image(recon, x))
+        sq_err.append((recon - x).pow(2).flatten(1).mean(1))
+        counts += torch.bincount(idx.flatten(), minlength=len(counts))
+    vqvae.train(was_training)
+    return {
+        "mse": float(torch.cat(sq_err).mean()),
+        "ssim": float(torch.cat(ssim).mean()),
+        "psnr": float(torch.cat(psnr).mean()),
+        "codebook_usage": metrics.code_usage(counts.cpu()),
+        "perplexity": metrics.perplexity(counts.cpu()),
+        "n_images": len(images_u8),
+    }
+
+
+@torch.no_grad()
+def decode_indices(vqvae, indices: torch.Tensor, batch_size: int = 64, bf16: bool = False) -> torch.Tensor:
+    """Index maps -> slices in [0, 1] on CPU."""
+    device = indices.device
+    out = []
+    for start in range(0, len(indices), batch_size):
+        with autocast(device, bf16):
+            out.append(vqvae.decode_indices(indices[start:start + batch_size].long()).float().clamp_(0, 1).cpu())
+    return torch.cat(out)
+
+
+def generation_metrics(samples: torch.Tensor, sample_idx: torch.Tensor, real: dict, num_codes: int) -> dict:
+    """Generated slices against real ones, next to the same figure for real test slices as the reference.
+
+    `real` holds float CPU slices `test`, `validate`, `train` and the test split's index maps `test_idx`.
+    """
+    f_gen = metrics.slice_features(samples)
+    f_test = metrics.slice_features(real["test"])
+    f_val = metrics.slice_features(real["validate"])
+    kid, kid_std = metrics.kernel_inception_distance(f_gen, f_test)
+    kid_real, _ = metrics.kernel_inception_distance(f_val, f_test)
+    n = len(samples)
+    test_subset = real["test"][torch.linspace(0, len(real["test"]) - 1, n).long()]
+    return {
+        "frechet_distance": metrics.frechet_distance(f_gen, f_test),
+        "frechet_distance_real": metrics.frechet_distance(f_val, f_test),
+        "kid": kid,
+        "kid_std": kid_std,
+        "kid_real": kid_real,
+        "ms_ssim": metrics.mean_pairwise_ms_ssim(samples),
+        "ms_ssim_real": metrics.mean_pairwise_ms_ssim(test_subset),
+        "nn_ssim": float(metrics.nearest_neighbour_ssim(samples, real["train"]).mean()),
+        "nn_ssim_real": float(metrics.nearest_neighbour_ssim(test_subset, real["train"]).mean()),
+        "code_js": metrics.code_histogram_distance(sample_idx.cpu(), real["test_idx"].cpu(), num_codes),
+        "n_samples": n,
+    }

@@ -1,0 +1,126 @@
+"""Figures: every plot the project draws, from tensors and histories. The only module that imports matplotlib."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DARK = {"figure.facecolor": "black", "axes.facecolor": "black", "text.color": "white",
+        "axes.labelcolor": "white", "xtick.color": "white", "ytick.color": "white", "axes.edgecolor": "gray"}
+
+
+def grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
+    """N x 1 x H x W in [0, 1] -> one 2D float array, tiles separated by black lines."""
+    images = images.detach().float().clamp(0, 1).cpu()
+    n, _, h, w = images.shape
+    ncol = min(nrow, n)
+    rows = -(-n // ncol)
+    out = np.zeros((rows * (h + pad) - pad, ncol * (w + pad) - pad), dtype=np.float32)
+    for i, im in enumerate(images[:, 0].numpy()):
+        r, c = divmod(i, ncol)
+        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = im
+    return out
+
+
+def index_map_rgb(indices: torch.Tensor, num_codes: int) -> np.ndarray:
+    """h x w code indices -> h x w x 3 uint8 colours; neighbouring codes get distant colours."""
+    cmap = plt.get_cmap("hsv", num_codes)
+    perm = np.random.default_rng(0).permutation(num_codes)  # fixed: colours mean the same in every figure
+    return (cmap(perm[indices.cpu().numpy()])[..., :3] * 255).astype(np.uint8)
+
+
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=fig.dpi, bbox_inches="tight", facecolor=fig.get_facecolor())
+    plt.close(fig)
+    return path
+
+
+def _image_axes(ax, image, title=None, **kw):
+    ax.imshow(image, cmap=kw.pop("cmap", "gray"), vmin=kw.pop("vmin", 0), vmax=kw.pop("vmax", 1),
+              interpolation="nearest", **kw)
+    ax.set_xticks([]), ax.set_yticks([])
+    if title:
+        ax.set_title(title, fontsize=10)
+
+
+def save_montage(images: torch.Tensor, path, title: str = "", nrow: int = 8) -> Path:
+    with plt.rc_context(DARK):
+        g = grid(images, nrow)
+        fig, ax = plt.subplots(figsize=(min(16, g.shape[1] / 60 + 1), g.shape[0] / 60 + 0.6), dpi=100)
+        _image_axes(ax, g, title)
+        return _save(fig, path)
+
+
+def save_reconstructions(originals: torch.Tensor, recons: torch.Tensor, path, title: str = "") -> Path:
+    """Originals (top row) over reconstructions (middle) and the absolute error (bottom)."""
+    n = len(originals)
+    with plt.rc_context(DARK):
+        fig, axes = plt.subplots(3, n, figsize=(1.6 * n, 5.2), dpi=100, squeeze=False)
+        err = (originals.float() - recons.float().clamp(0, 1)).abs()
+        for i in range(n):
+            _image_axes(axes[0, i], originals[i, 0].cpu())
+            _image_axes(axes[1, i], recons[i, 0].clamp(0, 1).cpu())
+            _image_axes(axes[2, i], err[i, 0].cpu(), cmap="magma", vmax=0.25)
+        for row, label in enumerate(["original", "reconstruction", "|error| (0-0.25)"]):
+            axes[row, 0].set_ylabel(label, fontsize=9)
+        fig.suptitle(title, fontsize=11)
+        return _save(fig, path)
+
+
+def save_code_map(image: torch.Tensor, indices: torch.Tensor, num_codes: int, path, title: str = "") -> Path:
+    """A slice beside its code-index map (one colour per code)."""
+    with plt.rc_context(DARK):
+        fig, axes = plt.subplots(1, 2, figsize=(7, 3.8), dpi=100)
+        _image_axes(axes[0], image[0].cpu(), "slice")
+        h, w = indices.shape
+        _image_axes(axes[1], index_map_rgb(indices, num_codes), f"code indices ({h}x{w} grid, K={num_codes})")
+        fig.suptitle(title, fontsize=11)
+        return _save(fig, path)
+
+
+def save_curves(series: dict[str, tuple[list, list]], path, title: str = "", xlabel: str = "step",
+                ylabel: str = "", logy: bool = False) -> Path:
+    """Line plot of named (x, y) series."""
+    fig, ax = plt.subplots(figsize=(6.4, 3.8), dpi=100)
+    for name, (x, y) in series.items():
+        ax.plot(x, y, label=name, lw=1.4)
+    if logy:
+        ax.set_yscale("log")
+    ax.set_xlabel(xlabel), ax.set_ylabel(ylabel), ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+        ax.legend()
+    return _save(fig, path)
+
+
+def save_side_by_side(rows: dict[str, torch.Tensor], path, title: str = "") -> Path:
+    """One labelled row of slices per entry (e.g. samples over their nearest training slices)."""
+    n = max(len(v) for v in rows.values())
+    with plt.rc_context(DARK):
+        fig, axes = plt.subplots(len(rows), n, figsize=(1.7 * n, 1.85 * len(rows) + 0.4), dpi=100, squeeze=False)
+        for r, (label, images) in enumerate(rows.items()):
+            for i in range(n):
+                if i < len(images):
+                    _image_axes(axes[r, i], images[i, 0].float().clamp(0, 1).cpu())
+                else:
+                    axes[r, i].axis("off")
+            axes[r, 0].set_ylabel(label, fontsize=9)
+        fig.suptitle(title, fontsize=11)
+        return _save(fig, path)
+
+
+def save_zoom(images: torch.Tensor, path, title: str = "") -> Path:
+    """A 2x3 subset large enough to judge anatomy."""
+    with plt.rc_context(DARK):
+        fig, axes = plt.subplots(2, 3, figsize=(9, 6.3), dpi=110)
+        for ax, im in zip(axes.flat, images[:6]):
+            _image_axes(ax, im[0].float().clamp(0, 1).cpu())
+        fig.suptitle(title, fontsize=11)
+        return _save(fig, path)

@@ -1,0 +1,298 @@
+"""Models: the VQ-VAE (Encoder, VectorQuantizer, Decoder) and the DCGAN over its quantized maps.
+
+Everything here takes tensors and returns tensors; nothing knows about files, devices or logging.
+Images are N x 1 x H x W floats in [0, 1]; code maps are N x D x h x w; index maps are N x h x w (long).
+"""
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from config import GANConfig, ModelConfig
+
+
+# ---------------------------------------------------------------- VQ-VAE
+
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int, hidden: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(channels, hidden, 3, padding=1),
+            nn.ReLU(), nn.Conv2d(hidden, channels, 1),
+        )
+
+    def forward(self, x):
+        return x + self.block(x)
+
+
+def residual_stack(channels: int, hidden: int, n: int) -> nn.Sequential:
+    return nn.Sequential(*[ResidualBlock(channels, hidden) for _ in range(n)], nn.ReLU())
+
+
+def stage_widths(cfg: ModelConfig) -> list[int]:
+    """Channels after each downsampling: (64, 128) for the paper's hidden=128 with two of them."""
+    return [max(cfg.hidden // 2 ** (cfg.downsamples - 1 - i), 8) for i in range(cfg.downsamples)]
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        layers, c_in = [], 1
+        for i, c in enumerate(stage_widths(cfg)):
+            layers += [nn.Conv2d(c_in, c, 4, stride=2, padding=1), nn.ReLU()]
+            c_in = c
+        layers.pop()  # the paper's encoder has no ReLU between the last downsampling and the 3x3 conv
+        layers += [nn.Conv2d(c_in, cfg.hidden, 3, padding=1), residual_stack(cfg.hidden, cfg.res_hidden, cfg.n_res),
+                   nn.Conv2d(cfg.hidden, cfg.code_dim, 1)]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x - 0.5)  # centred input: the codebook sees zero-mean features from the start
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        widths = stage_widths(cfg)[::-1]  # e.g. (128, 64)
+        layers = [nn.Conv2d(cfg.code_dim, cfg.hidden, 3, padding=1),
+                  residual_stack(cfg.hidden, cfg.res_hidden, cfg.n_res)]
+        c_in = cfg.hidden
+        for c in widths[1:]:
+            layers += [nn.ConvTranspose2d(c_in, c, 4, stride=2, padding=1), nn.ReLU()]
+            c_in = c
+        layers.append(nn.ConvTranspose2d(c_in, 1, 4, stride=2, padding=1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z):
+        return self.net(z) + 0.5
+
+
+class Quantized(NamedTuple):
+    z_q: torch.Tensor        # N x D x h x w, straight-through: forward value is the code, gradient goes to z_e
+    indices: torch.Tensor    # N x h x w
+    loss: torch.Tensor       # beta * commitment (+ codebook loss in "loss" mode)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def _broadcast(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.broadcast(t, src=0)
+    return t
+
+
+class VectorQuantizer(nn.Module):
+    """Nearest-code quantizer with an EMA codebook (or the report's loss-trained one) and dead-code restarts.
+
+    Distances are computed in fp32 even under autocast: bf16 rounding would flip the argmin between
+    near-equal codes. The codebook is initialised from the first training batch's encoder outputs (the
+    report's U(-1/K, 1/D) starts codes far from the data on one side, so many never get used). Under
+    torch.distributed, EMA statistics are all-reduced and restarts broadcast from rank 0, so every rank
+    holds the same codebook.
+    """
+
+    def __init__(self, num_codes: int, code_dim: int, beta: float = 0.25, mode: str = "ema",
+                 decay: float = 0.99, dead_after: int = 100, eps: float = 1e-5):
+        super().__init__()
+        if mode not in ("ema", "loss"):
+            raise ValueError(f"codebook mode must be 'ema' or 'loss', not {mode!r}")
+        self.num_codes, self.code_dim, self.beta, self.mode = num_codes, code_dim, beta, mode
+        self.decay, self.dead_after, self.eps = decay, dead_after, eps
+        init = torch.randn(num_codes, code_dim) / math.sqrt(code_dim)
+        if mode == "loss":
+            self.codebook = nn.Parameter(init)
+        else:
+            self.register_buffer("codebook", init)
+        self.register_buffer("ema_count", torch.ones(num_codes))
+        self.register_buffer("ema_sum", init.clone())
+        self.register_buffer("last_used", torch.zeros(num_codes, dtype=torch.long))
+        self.register_buffer("usage", torch.zeros(num_codes, dtype=torch.long))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+        self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+
+    def nearest(self, flat: torch.Tensor) -> torch.Tensor:
+        """Index of the nearest code for each row of flat (M x D), by squared distance in fp32."""
+        with torch.autocast(flat.device.type, enabled=False):
+            flat, codes = flat.float(), self.codebook.float()
+            d = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None])
+            return d.argmin(1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """N x h x w indices -> N x D x h x w code map."""
+        return F.embedding(indices, self.codebook).permute(0, 3, 1, 2)
+
+    def forward(self, z_e: torch.Tensor) -> Quantized:
+        n, d, h, w = z_e.shape
+        flat = z_e.permute(0, 2, 3, 1).reshape(-1, d).float()
+        if self.training:
+            self._init_from(flat)
+        idx = self.nearest(flat)
+        z_q = self.codebook[idx].float()
+        loss = self.beta * F.mse_loss(flat, z_q.detach())
+        if self.mode == "loss":
+            loss = loss + F.mse_loss(z_q, flat.detach())
+        if self.training:
+            self._update(flat.detach(), idx)
+        z_q = flat + (z_q - flat).detach()
+        z_q = z_q.view(n, h, w, d).permute(0, 3, 1, 2).to(z_e.dtype)
+        return Quantized(z_q, idx.view(n, h, w), loss)
+
+    @torch.no_grad()
+    def _init_from(self, flat: torch.Tensor) -> None:
+        if bool(self.initialised):
+            return
+        pick = torch.randint(len(flat), (self.num_codes,), device=flat.device)
+        codes = _broadcast(flat[pick].clone())
+        self.codebook.data.copy_(codes)
+        self.ema_sum.copy_(codes)
+        self.ema_count.fill_(1.0)
+        self.initialised.fill_(True)
+
+    @torch.no_grad()
+    def _update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
+        counts = _all_reduce(torch.bincount(idx, minlength=self.num_codes).float())
+        self.steps += 1
+        self.usage += counts.long()
+        self.last_used.masked_fill_(counts > 0, int(self.steps))
+        if self.mode == "ema":
+            sums = _all_reduce(torch.zeros_like(self.ema_sum).index_add_(0, idx, flat))
+            self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            total = self.ema_count.sum()
+            # Laplace smoothing keeps a rarely chosen code from dividing by ~0.
+            smoothed = (self.ema_count + self.eps) / (total + self.num_codes * self.eps) * total
+            self.codebook.copy_(self.ema_sum / smoothed[:, None])
+        self._restart_dead(flat)
+
+    @torch.no_grad()
+    def _restart_dead(self, flat: torch.Tensor) -> None:
+        """Move codes unused for `dead_after` steps onto random encoder outputs of this batch."""
+        dead = (self.steps - self.last_used) >= self.dead_after
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return
+        pick = torch.randint(len(flat), (n_dead,), device=flat.device)
+        fresh = _broadcast(flat[pick].clone())
+        self.codebook.data[dead] = fresh
+        self.ema_sum[dead] = fresh
+        self.ema_count[dead] = 1.0
+        self.last_used[dead] = self.steps
+
+
+class VQVAE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        if cfg.image_size % 2 ** cfg.downsamples:
+            raise ValueError(f"image_size {cfg.image_size} is not divisible by 2**downsamples")
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.quantizer = VectorQuantizer(cfg.num_codes, cfg.code_dim, cfg.beta, cfg.codebook,
+                                         cfg.ema_decay, cfg.dead_after)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, x: torch.Tensor):
+        """x in [0, 1] -> (reconstruction, quantizer loss, index map)."""
+        q = self.quantizer(self.encoder(x))
+        return self.decoder(q.z_q), q.loss, q.indices
+
+    @torch.no_grad()
+    def encode_indices(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.encoder(x)
+        n, d, h, w = z.shape
+        return self.quantizer.nearest(z.permute(0, 2, 3, 1).reshape(-1, d)).view(n, h, w)
+
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.quantizer.lookup(indices))
+
+
+# ---------------------------------------------------------------- DCGAN over code maps
+
+def _upsamplings(latent_size: int) -> int:
+    steps = int(math.log2(latent_size)) - 2
+    if latent_size < 4 or 2 ** (steps + 2) != latent_size:
+        raise ValueError(f"the GAN needs a power-of-two latent grid of at least 4, not {latent_size}")
+    return steps
+
+
+class Generator(nn.Module):
+    """Noise (N x nz) -> 4x4 -> ... -> latent grid, with `out_channels` maps (D for "snap", K for "logits")."""
+
+    def __init__(self, cfg: GANConfig, latent_size: int, out_channels: int):
+        super().__init__()
+        c = cfg.g_width
+        layers = [nn.ConvTranspose2d(cfg.noise_dim, c, 4, 1, 0, bias=False), nn.BatchNorm2d(c), nn.ReLU(True)]
+        for _ in range(_upsamplings(latent_size) - 1):
+            c_out = max(c // 2, 32)
+            layers += [nn.ConvTranspose2d(c, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(True)]
+            c = c_out
+        # No tanh: snapped outputs must be able to reach every code, whatever the codebook's range.
+        if _upsamplings(latent_size):
+            layers.append(nn.ConvTranspose2d(c, out_channels, 4, 2, 1))
+        else:
+            layers.append(nn.Conv2d(c, out_channels, 3, 1, 1))
+        self.net = nn.Sequential(*layers)
+        self.noise_dim = cfg.noise_dim
+
+    def forward(self, noise: torch.Tensor) -> torch.Tensor:
+        return self.net(noise[:, :, None, None])
+
+
+class Discriminator(nn.Module):
+    """Code map -> one logit per map (the sigmoid lives in the loss, for stability)."""
+
+    def __init__(self, cfg: GANConfig, latent_size: int, in_channels: int):
+        super().__init__()
+        c = cfg.d_width
+        layers = [nn.Conv2d(in_channels, c, 4, 2, 1), nn.LeakyReLU(0.2, True)]  # no BatchNorm on the first layer
+        for _ in range(_upsamplings(latent_size) - 1):
+            layers += [nn.Conv2d(c, c * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c * 2), nn.LeakyReLU(0.2, True)]
+            c *= 2
+        size = 4 if _upsamplings(latent_size) else 2
+        layers.append(nn.Conv2d(c, 1, size, 1, 0))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        return self.net(maps).flatten()
+
+
+class CodeGenerator(nn.Module):
+    """A Generator whose output is always an exact codebook map, with gradients for training.
+
+    "snap": the continuous map is snapped to the nearest code, straight-through.
+    "logits": per-position logits over the K codes, hard Gumbel-softmax (straight-through one-hot).
+    The quantizer is the frozen VQ-VAE's; it is passed in, not owned, so it is not saved twice.
+    """
+
+    def __init__(self, cfg: GANConfig, model_cfg: ModelConfig):
+        super().__init__()
+        if cfg.head not in ("snap", "logits"):
+            raise ValueError(f"GAN head must be 'snap' or 'logits', not {cfg.head!r}")
+        self.head, self.tau = cfg.head, cfg.tau
+        out = model_cfg.code_dim if cfg.head == "snap" else model_cfg.num_codes
+        self.net = Generator(cfg, model_cfg.latent_size, out)
+        self.noise_dim = cfg.noise_dim
+
+    def forward(self, noise: torch.Tensor, quantizer: VectorQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (code map N x D x h x w made of exact codebook vectors, index map N x h x w)."""
+        out = self.net(noise).float()
+        codebook = quantizer.codebook.detach().float()
+        if self.head == "snap":
+            n, d, h, w = out.shape
+            flat = out.permute(0, 2, 3, 1).reshape(-1, d)
+            idx = quantizer.nearest(flat)
+            snapped = flat + (codebook[idx] - flat).detach()
+            return snapped.view(n, h, w, d).permute(0, 3, 1, 2), idx.view(n, h, w)
+        if self.training:
+            one_hot = F.gumbel_softmax(out, tau=self.tau, hard=True, dim=1)
+        else:
+            one_hot = F.one_hot(out.argmax(1), out.shape[1]).permute(0, 3, 1, 2).float()
+        return torch.einsum("nkhw,kd->ndhw", one_hot, codebook), one_hot.argmax(1)

@@ -1,0 +1,152 @@
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tree, write_png
+
+import dataset
+from dataset import DataError, batches, find_root, load_folder, load_split, load_splits, natural_key
+
+
+def test_finds_splits_from_data_folder_or_its_parent(tree):
+    assert find_root(tree) == tree
+    assert find_root(tree.parent) == tree
+    splits = load_splits(tree, size=16)
+    assert {k: len(v) for k, v in splits.items()} == {"train": 6, "validate": 3, "test": 3}
+    assert all(name.endswith(".png") for s in splits.values() for name in s.names)  # seg + notes.txt ignored
+    assert all("seg" not in str(s.folder) for s in splits.values())
+
+
+def test_natural_order(tmp_path):
+    folder = tmp_path / "keras_png_slices_train"
+    for case in (10, 2):
+        for s in (10, 2, 1):
+            write_png(folder / f"case_{case}_slice_{s}.nii.png", np.zeros((8, 8), np.uint8))
+    _, names = load_folder(folder, size=8)
+    assert names == [f"case_{c}_slice_{s}.nii.png" for c in (2, 10) for s in (1, 2, 10)]
+    assert sorted(["b10", "b9", "a"], key=natural_key) == ["a", "b9", "b10"]
+
+
+def test_cache_is_built_reused_and_invalidated(tree, monkeypatch):
+    folder = tree / "keras_png_slices_train"
+    first, names = load_folder(folder, size=16)
+    calls = []
+    monkeypatch.setattr(dataset, "decode_all", lambda *a, **k: calls.append(1) or (first, names))
+    again, _ = load_folder(folder, size=16)
+    assert calls == [] and np.array_equal(first, again)
+    monkeypatch.undo()
+    changed = folder / "case_001_slice_0.nii.png"
+    write_png(changed, np.full((16, 16), 7, np.uint8))
+    os.utime(changed, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
+    rebuilt, _ = load_folder(folder, size=16)
+    assert (rebuilt[0] == 7).all()
+    cache_files = list((tree.parent / "cache").iterdir())
+    assert len(cache_files) == 2 and not any(f.name.endswith(".tmp") for f in cache_files)
+
+
+def test_gray_conversion_of_rgb_rgba_and_16_bit(tmp_path):
+    folder = tmp_path / "imgs"
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[..., 0] = 255  # pure red -> ITU-R 601 luma 0.299
+    write_png(folder / "a_rgb.png", rgb)
+    rgba = np.dstack([rgb, np.full((8, 8), 128, np.uint8)])
+    write_png(folder / "b_rgba.png", rgba)
+    write_png(folder / "c_16.png", np.full((8, 8), 32768, np.uint16))
+    array, names = load_folder(folder, size=8)
+    assert names == ["a_rgb.png", "b_rgba.png", "c_16.png"]
+    assert array.dtype == np.uint8 and array.shape == (3, 1, 8, 8)
+    assert abs(int(array[0, 0, 0, 0]) - round(0.299 * 255)) <= 1
+    assert abs(int(array[1, 0, 0, 0]) - round(0.299 * 255)) <= 1
+    assert abs(int(array[2, 0, 0, 0]) - 128) <= 1  # half of the 16-bit range, not clipped to 255
+
+
+def test_resize_and_report(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    write_png(folder / "big.png", np.full((32, 32), 200, np.uint8))
+    write_png(folder / "ok.png", np.full((16, 16), 100, np.uint8))
+    array, _ = load_folder(folder, size=16)
+    assert array.shape == (2, 1, 16, 16) and (array[0] == 200).all()
+    assert "resized 1 of 2" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- bad input: one clear line, non-zero exit
+
+def run_cli(args, capsys):
+    code = dataset.main(args)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err
+
+
+def test_missing_root(tmp_path, capsys):
+    code, err = run_cli(["--data-dir", str(tmp_path / "nope")], capsys)
+    assert code == 2 and len(err) == 1 and "nope" in err[0] and "no such folder" in err[0]
+
+
+def test_root_without_splits(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(["--data-dir", str(tmp_path / "empty")], capsys)
+    assert code == 2 and len(err) == 1 and "keras_png_slices_train" in err[0]
+
+
+def test_split_without_pngs(tmp_path, capsys):
+    (tmp_path / "keras_png_slices_train").mkdir()
+    (tmp_path / "keras_png_slices_train" / "readme.txt").write_text("x")
+    code, err = run_cli(["--data-dir", str(tmp_path)], capsys)
+    assert code == 2 and len(err) == 1 and "no PNG files" in err[0] and "keras_png_slices_train" in err[0]
+
+
+@pytest.mark.parametrize("content", [b"this is not a png", None])
+def test_undecodable_or_truncated_png_is_named(tree, capsys, content):
+    bad = tree / "keras_png_slices_train" / "case_001_slice_1.nii.png"
+    data = bad.read_bytes()
+    bad.write_bytes(content if content is not None else data[: len(data) // 2])
+    code, err = run_cli(["--data-dir", str(tree), "--montage", str(tree.parent / "m.png")], capsys)
+    assert code == 2 and len(err) == 1 and str(bad) in err[0] and "PNG" in err[0]
+    assert not (tree.parent / "m.png").exists()
+    assert not list((tree.parent / "cache").glob("*train*"))  # nothing half-written
+
+
+def test_skip_bad_skips_with_a_warning(tree, capsys):
+    bad = tree / "keras_png_slices_train" / "case_001_slice_1.nii.png"
+    bad.write_bytes(b"garbage")
+    split = load_split(tree, "train", size=16, skip_bad=True)
+    assert len(split) == 5 and bad.name not in split.names
+    assert "skipping" in capsys.readouterr().err
+
+
+def test_unreadable_file(tree, capsys):
+    link = tree / "keras_png_slices_train" / "case_009_slice_0.nii.png"
+    link.symlink_to(tree / "does_not_exist.png")  # chmod cannot make a file unreadable for root
+    code, err = run_cli(["--data-dir", str(tree)], capsys)
+    assert code == 2 and len(err) == 1 and str(link) in err[0] and "cannot read" in err[0]
+
+
+# ---------------------------------------------------------------- batches
+
+def test_batches_shapes_ranges_and_order():
+    images = torch.arange(10, dtype=torch.uint8).mul(25).view(10, 1, 1, 1).expand(10, 1, 4, 4).contiguous()
+    order = dataset.epoch_permutation(10, seed=3, epoch=1)
+    assert torch.equal(order, dataset.epoch_permutation(10, seed=3, epoch=1))
+    assert not torch.equal(order, dataset.epoch_permutation(10, seed=3, epoch=2))
+    got = list(batches(images, 4, order))
+    assert [len(b) for b in got] == [4, 4, 2]
+    assert all(b.dtype == torch.float32 and 0 <= b.min() and b.max() <= 1 for b in got)
+    assert torch.allclose(torch.cat(got)[:, 0, 0, 0], order.float() * 25 / 255)
+    assert [len(b) for b in batches(images, 4, drop_last=True)] == [4, 4]
+
+
+def test_split_cases():
+    assert dataset.split_cases(52) == (40, 6, 6)
+    assert sum(dataset.split_cases(10)) == 10
+    with pytest.raises(DataError):
+        dataset.split_cases(2)
+
+
+def test_describe_cli_prints_counts_and_writes_montage(tmp_path, capsys):
+    tree = make_tree(tmp_path / "d", size=16)
+    code = dataset.main(["--data-dir", str(tree), "--size", "16", "--montage", str(tmp_path / "m.png")])
+    out = capsys.readouterr().out
+    assert code == 0 and (tmp_path / "m.png").exists()
+    assert "train" in out and "validate" in out and "test" in out and "16x16" in out

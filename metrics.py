@@ -1,0 +1,374 @@
+"""Evaluation metrics: tensors in, numbers out.
+
+Images are float tensors N x 1 x H x W; every metric clips them to [0, 1] first
+and uses data range 1. Nothing here does I/O, plotting or logging, and nothing is
+downloaded: all randomness is seeded, so every number is reproducible.
+"""
+from __future__ import annotations
+
+import math
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from skimage.metrics import structural_similarity
+
+__all__ = [
+    "ssim_per_image", "ssim", "psnr_per_image", "psnr", "code_usage", "perplexity",
+    "SliceFeatures", "slice_features", "frechet_distance", "kernel_inception_distance",
+    "ms_ssim", "mean_pairwise_ms_ssim", "nearest_neighbour_ssim", "code_histogram_distance",
+]
+
+# skimage's SSIM spends its time in scipy filters, which release the GIL, so a few
+# threads help; each result depends only on its own pair, so order/threads never
+# change the numbers.
+_SSIM_THREADS = max(1, min(4, os.cpu_count() or 1))
+
+
+def _clip(x: torch.Tensor) -> torch.Tensor:
+    if x.dim() != 4 or x.shape[1] != 1:
+        raise ValueError(f"expected N x 1 x H x W images, got shape {tuple(x.shape)}")
+    return x.detach().float().clamp(0.0, 1.0)
+
+
+def _np_images(x: torch.Tensor) -> np.ndarray:
+    return _clip(x)[:, 0].cpu().double().numpy()
+
+
+def _ssim_pairs(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """skimage SSIM of a[i] vs b[i] (float64 H x W arrays in [0,1])."""
+    side = min(a.shape[-2:])
+    win = min(7, side if side % 2 else side - 1)  # skimage needs an odd window that fits
+
+    def one(i: int) -> float:
+        return structural_similarity(a[i], b[i], data_range=1.0, win_size=win)
+
+    if len(a) < 2 or _SSIM_THREADS == 1:
+        return np.array([one(i) for i in range(len(a))], dtype=np.float64)
+    with ThreadPoolExecutor(_SSIM_THREADS) as pool:
+        return np.array(list(pool.map(one, range(len(a)))), dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------- reconstruction
+
+def ssim_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """SSIM per image: ``skimage.metrics.structural_similarity(x_i, y_i, data_range=1)``
+    on the clipped images in float64 (skimage defaults: 7x7 uniform window, K1=0.01,
+    K2=0.03; images under 7 px use the largest odd window that fits).
+    Returns an (N,) float64 CPU tensor."""
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")
+    return torch.from_numpy(_ssim_pairs(_np_images(x), _np_images(y)))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Mean of :func:`ssim_per_image` over the batch."""
+    return float(ssim_per_image(x, y).mean())
+
+
+def psnr_per_image(x: torch.Tensor, y: torch.Tensor, max_db: float = 100.0) -> torch.Tensor:
+    """PSNR per image: ``10 * log10(1 / MSE)`` (data range 1, MSE over all pixels of the
+    clipped image, computed in float64), capped at ``max_db``. Identical images
+    (MSE = 0, PSNR = inf) give exactly ``max_db`` so that means stay finite.
+    Returns an (N,) float64 CPU tensor."""
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")
+    mse = (_clip(x).double() - _clip(y).double()).pow(2).flatten(1).mean(1)
+    return (10.0 * torch.log10(1.0 / mse)).clamp(max=max_db).cpu()
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, max_db: float = 100.0) -> float:
+    """Mean of :func:`psnr_per_image` (each image capped at ``max_db``)."""
+    return float(psnr_per_image(x, y, max_db).mean())
+
+
+def code_usage(counts: torch.Tensor) -> float:
+    """Fraction of the K codebook entries used at least once: ``mean(counts > 0)``,
+    where ``counts`` (K,) holds each code's occurrences over a whole split."""
+    return float((torch.as_tensor(counts) > 0).double().mean())
+
+
+def perplexity(counts: torch.Tensor) -> float:
+    """Codebook perplexity ``exp(-sum_k p_k ln p_k)`` with ``p = counts / counts.sum()``
+    (0 ln 0 = 0): K when all K codes are used equally often, 1 when one code is used."""
+    c = torch.as_tensor(counts).double().flatten().cpu()
+    if c.sum() <= 0:
+        raise ValueError("counts must have a positive sum")
+    p = c[c > 0] / c.sum()
+    return float(torch.exp(-(p * p.log()).sum()))
+
+
+# ----------------------------------------------------------------------------- generation
+
+class SliceFeatures(torch.nn.Module):
+    """Fixed random-weight CNN embedding of 2D slices, used for FD/KID in place of Inception.
+
+    The input (N x 1 x H x W in [0,1], H, W >= 16) is clipped, resized (bilinear,
+    antialiased) to 128 x 128 and mapped to [-1, 1]. Four stages of
+    3x3 conv -> ReLU -> 2x2 average pool (16, 32, 64, 128 channels; He-normal weights
+    and small normal biases drawn from a CPU ``torch.Generator`` seeded 0; never
+    trained) see 128, 64, 32 and 16 px maps. The feature vector (F = 544, float64)
+    is the spatial mean and std of every channel at every stage (480) plus an 8 x 8
+    average-pooled thumbnail of the input (64).
+
+    Why it is sound for comparing slice distributions: random convolutional features
+    are a known-workable embedding for Frechet/KID-style statistics (they preserve
+    much of the input's information, cf. Naeem et al. 2020); here the first stage
+    responds to intensity and edges, per-channel stds at deeper stages to texture and
+    structure at growing scales, and the thumbnail to coarse layout (brain position,
+    size, ventricles). It needs no download, is identical on every run, and matches on
+    CPU and CUDA up to float32 tolerance (convolutions run in float32 with TF32 off).
+
+    Limits: this is not Inception, and not trained on anything, so it encodes no
+    semantic notion of anatomy; FD/KID values in this space are NOT comparable with
+    published FID/KID numbers, only with other numbers computed by this repo's
+    SliceFeatures (same code, same seed). Slices are squashed to a square.
+    """
+
+    size = 128
+    widths = (16, 32, 64, 128)
+    thumb = 8
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        cin = 1
+        for i, cout in enumerate(self.widths):
+            fan_in = cin * 9
+            self.register_buffer(f"w{i}", torch.randn(cout, cin, 3, 3, generator=g) * math.sqrt(2.0 / fan_in))
+            self.register_buffer(f"b{i}", torch.randn(cout, generator=g) * 0.1)
+            cin = cout
+        self.num_features = 2 * sum(self.widths) + self.thumb ** 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _clip(x)
+        if min(x.shape[-2:]) < 16:
+            raise ValueError("SliceFeatures needs images of at least 16 x 16")
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear",
+                          align_corners=False, antialias=True)
+        feats = [F.adaptive_avg_pool2d(x, self.thumb).flatten(1)]
+        h = x * 2.0 - 1.0
+        # TF32 would make CUDA features differ from CPU by ~1e-3; keep plain float32.
+        with torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=True, allow_tf32=False):
+            for i in range(len(self.widths)):
+                h = F.relu(F.conv2d(h, getattr(self, f"w{i}"), getattr(self, f"b{i}"), padding=1))
+                std, mean = torch.std_mean(h.flatten(2), dim=2, unbiased=False)
+                feats += [mean, std]
+                h = F.avg_pool2d(h, 2)
+        return torch.cat([f.double() for f in feats], dim=1)
+
+
+_FEATURE_CACHE: dict[str, SliceFeatures] = {}
+
+
+@torch.no_grad()
+def slice_features(images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """:class:`SliceFeatures` of ``images`` (computed in batches on the images' device,
+    no grad, module cached per device). Returns an N x 544 float64 CPU tensor."""
+    key = str(images.device)
+    if key not in _FEATURE_CACHE:
+        _FEATURE_CACHE[key] = SliceFeatures().to(images.device)
+    net = _FEATURE_CACHE[key]
+    return torch.cat([net(images[i:i + batch_size]).cpu() for i in range(0, len(images), batch_size)])
+
+
+def _np_feats(f) -> np.ndarray:
+    f = f.detach().cpu().numpy() if isinstance(f, torch.Tensor) else np.asarray(f)
+    f = f.astype(np.float64)
+    if f.ndim != 2:
+        raise ValueError("features must be N x F")
+    return f
+
+
+def _sqrtm_psd(a: np.ndarray) -> np.ndarray:
+    w, v = np.linalg.eigh((a + a.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+def frechet_distance(feat_a, feat_b) -> float:
+    """Frechet distance between Gaussians fitted to two feature sets (the FID formula):
+    ``|mu_a - mu_b|^2 + tr(S_a) + tr(S_b) - 2 tr((S_a S_b)^(1/2))`` with unbiased
+    covariances, in float64. ``tr((S_a S_b)^(1/2))`` is computed as the sum of square
+    roots of the eigenvalues of the symmetric PSD matrix ``S_a^(1/2) S_b S_a^(1/2)``
+    (same value, real by construction); tiny negative results are clamped to 0."""
+    a, b = _np_feats(feat_a), _np_feats(feat_b)
+    if len(a) < 2 or len(b) < 2:
+        raise ValueError("need at least 2 samples per set")
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    r = _sqrtm_psd(s_a)
+    ev = np.linalg.eigvalsh(r @ s_b @ r)
+    tr_covmean = np.sqrt(np.clip(ev, 0, None)).sum()
+    fd = ((mu_a - mu_b) ** 2).sum() + np.trace(s_a) + np.trace(s_b) - 2.0 * tr_covmean
+    return float(max(fd, 0.0))
+
+
+def kernel_inception_distance(feat_a, feat_b, subsets: int = 50, subset_size: int | None = None,
+                              seed: int = 0) -> tuple[float, float]:
+    """KID: unbiased MMD^2 with the polynomial kernel ``k(x, y) = (x.y / d + 1)^3``
+    (d = feature dimension), estimated on ``subsets`` random subsets of ``subset_size``
+    rows drawn without replacement from each set (default ``min(1000, len(a), len(b))``;
+    numpy ``default_rng(seed)``). Returns (mean, std) over the subsets."""
+    a, b = _np_feats(feat_a), _np_feats(feat_b)
+    m = min(subset_size or 1000, len(a), len(b))
+    if m < 2:
+        raise ValueError("need at least 2 samples per set")
+    d = a.shape[1]
+    rng = np.random.default_rng(seed)
+    vals = []
+    for _ in range(subsets):
+        x = a[rng.choice(len(a), m, replace=False)]
+        y = b[rng.choice(len(b), m, replace=False)]
+        kxx = (x @ x.T / d + 1) ** 3
+        kyy = (y @ y.T / d + 1) ** 3
+        kxy = (x @ y.T / d + 1) ** 3
+        mmd = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (m * (m - 1)) \
+            - 2.0 * kxy.mean()
+        vals.append(mmd)
+    vals = np.array(vals)
+    return float(vals.mean()), float(vals.std())
+
+
+_MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
+
+
+def _gauss_filter(x: torch.Tensor, win: int, sigma: float = 1.5) -> torch.Tensor:
+    """Separable gaussian filter, "valid" (no padding) as in Wang et al."""
+    coords = torch.arange(win, dtype=x.dtype, device=x.device) - (win - 1) / 2
+    g = torch.exp(-coords ** 2 / (2 * sigma ** 2))
+    g = g / g.sum()
+
+    def band(n: int) -> torch.Tensor:
+        # n x (n - win + 1) banded matrix: one matmul per axis is ~5x faster on CPU
+        # than conv2d with a 1 x win kernel
+        m = torch.zeros(n, n - win + 1, dtype=x.dtype, device=x.device)
+        cols = torch.arange(n - win + 1, device=x.device)
+        for k in range(win):
+            m[cols + k, cols] = g[k]
+        return m
+
+    return band(x.shape[-2]).T @ x @ band(x.shape[-1])
+
+
+def ms_ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Multi-scale SSIM per image (Wang, Simoncelli & Bovik 2003), in batched torch on
+    the images' device: ``prod_{j<M} relu(cs_j)^w_j * relu(ssim_M)^w_M`` with weights
+    (0.0448, 0.2856, 0.3001, 0.2363, 0.1333), an 11x11 gaussian window (sigma 1.5,
+    no padding), K1=0.01, K2=0.03, data range 1 and 2x2 average pooling between scales.
+    M = 5 when the smaller side is >= 176 px; smaller images use the largest M whose
+    coarsest scale still fits the window (>= 11 px), with the first M weights
+    renormalised to sum to 1 (images under 11 px use one scale and a smaller odd window).
+    relu keeps negative cs/ssim terms from producing NaN. Returns an (N,) float64 tensor
+    on the images' device."""
+    if x.shape != y.shape:
+        raise ValueError(f"shape mismatch {tuple(x.shape)} vs {tuple(y.shape)}")
+    # float32 filtering: ~3x faster on CPU than float64, results within ~1e-5
+    x, y = _clip(x), _clip(y)
+    side = min(x.shape[-2:])
+    win = min(11, side if side % 2 else side - 1)
+    scales = 1
+    while scales < 5 and side // 2 ** scales >= win:
+        scales += 1
+    w = torch.tensor(_MS_WEIGHTS[:scales], dtype=torch.float64, device=x.device)
+    w = w / w.sum()
+    c1, c2 = 0.01 ** 2, 0.03 ** 2
+    n = x.shape[0]
+    out = torch.ones(n, dtype=torch.float64, device=x.device)
+    for j in range(scales):
+        # one filter call for all five moments
+        mx, my, exx, eyy, exy = _gauss_filter(torch.cat([x, y, x * x, y * y, x * y]), win).split(n)
+        sxx, syy, sxy = exx - mx * mx, eyy - my * my, exy - mx * my
+        cs = (2 * sxy + c2) / (sxx + syy + c2)
+        if j < scales - 1:
+            out = out * F.relu(cs.flatten(1).double().mean(1)) ** w[j]
+            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
+        else:
+            lum = (2 * mx * my + c1) / (mx * mx + my * my + c1)
+            out = out * F.relu((lum * cs).flatten(1).double().mean(1)) ** w[j]
+    return out
+
+
+@torch.no_grad()
+def mean_pairwise_ms_ssim(images: torch.Tensor, n_pairs: int = 500, seed: int = 0,
+                          batch_size: int = 64) -> float:
+    """Diversity: mean :func:`ms_ssim` over ``n_pairs`` distinct unordered pairs (i != j)
+    drawn with numpy ``default_rng(seed)`` (all pairs if there are fewer). Lower means
+    more diverse; identical images give 1."""
+    n = len(images)
+    if n < 2:
+        raise ValueError("need at least 2 images")
+    total = n * (n - 1) // 2
+    if total <= n_pairs:
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    else:
+        rng = np.random.default_rng(seed)
+        seen, pairs = set(), []
+        while len(pairs) < n_pairs:
+            i, j = sorted(int(v) for v in rng.choice(n, 2, replace=False))
+            if (i, j) not in seen:
+                seen.add((i, j))
+                pairs.append((i, j))
+    idx = torch.tensor(pairs, dtype=torch.long)
+    vals = []
+    for k in range(0, len(idx), batch_size):
+        ii, jj = idx[k:k + batch_size, 0], idx[k:k + batch_size, 1]
+        vals.append(ms_ssim(images[ii.to(images.device)], images[jj.to(images.device)]).cpu())
+    return float(torch.cat(vals).mean())
+
+
+@torch.no_grad()
+def nearest_neighbour_ssim(samples: torch.Tensor, reference: torch.Tensor, candidates: int = 8,
+                           chunk: int = 1024) -> torch.Tensor:
+    """Memorisation check: for each sample, the highest :func:`ssim_per_image` SSIM to any
+    slice of ``reference``. The search is approximate: the ``candidates`` references
+    nearest in L2 distance between 4x average-pooled (clipped) images are found first
+    (chunked, on the tensors' device), then exact skimage SSIM is computed on those only
+    and the max taken. Returns an (N,) float64 CPU tensor."""
+    return nearest_neighbours(samples, reference, candidates, chunk)[0]
+
+
+@torch.no_grad()
+def nearest_neighbours(samples: torch.Tensor, reference: torch.Tensor, candidates: int = 8,
+                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SSIM, index into ``reference``) of each sample's nearest reference slice, found as in
+    :func:`nearest_neighbour_ssim`."""
+    if samples.shape[1:] != reference.shape[1:]:
+        raise ValueError("samples and reference must have the same C x H x W")
+    dev = samples.device
+    k = min(candidates, len(reference))
+    factor = 4 if min(samples.shape[-2:]) >= 8 else 1
+    s = F.avg_pool2d(_clip(samples), factor).flatten(1)
+    s_sq = (s * s).sum(1, keepdim=True)
+    dists = []
+    for i in range(0, len(reference), chunk):
+        r = F.avg_pool2d(_clip(reference[i:i + chunk]), factor).flatten(1).to(dev)
+        dists.append(s_sq + (r * r).sum(1)[None] - 2.0 * s @ r.T)
+    top = torch.cat(dists, 1).topk(k, dim=1, largest=False).indices.cpu()  # N x k
+    cand = _np_images(reference[top.flatten().to(reference.device)])
+    smp = np.repeat(_np_images(samples), k, axis=0)
+    best, which = torch.from_numpy(_ssim_pairs(smp, cand).reshape(-1, k)).max(1)
+    return best, top.gather(1, which[:, None])[:, 0]
+
+
+def code_histogram_distance(idx_a: torch.Tensor, idx_b: torch.Tensor, num_codes: int) -> float:
+    """Jensen-Shannon divergence (base 2, so in [0, 1]) between the code-frequency
+    histograms of two integer index tensors of any shape:
+    ``JS(p, q) = KL(p || m)/2 + KL(q || m)/2`` with ``m = (p + q)/2``. 0 for identical
+    histograms, 1 for disjoint supports."""
+    def hist(idx):
+        idx = torch.as_tensor(idx).flatten().long().cpu()
+        if len(idx) == 0 or idx.min() < 0 or idx.max() >= num_codes:
+            raise ValueError("indices must be non-empty and in [0, num_codes)")
+        h = torch.bincount(idx, minlength=num_codes).double()
+        return h / h.sum()
+
+    p, q = hist(idx_a), hist(idx_b)
+    m = (p + q) / 2
+
+    def kl(u):
+        nz = u > 0
+        return (u[nz] * torch.log2(u[nz] / m[nz])).sum()
+
+    return float((0.5 * kl(p) + 0.5 * kl(q)).clamp(0.0, 1.0))

@@ -11,6 +11,11 @@ from dataset import batches
 from runs import autocast
 
 
+def evenly(images: torch.Tensor, n: int) -> torch.Tensor:
+    """n items spread evenly over a split (its slices are ordered by case and position)."""
+    return images[torch.linspace(0, len(images) - 1, min(n, len(images))).long()]
+
+
 @torch.no_grad()
 def encode_split(vqvae, images_u8, batch_size: int, device, bf16: bool = False) -> torch.Tensor:
     """Code-index maps of a whole split, N x h x w int16 on `device` (K <= 32767 keeps them small)."""
@@ -65,18 +70,43 @@ def decode_indices(vqvae, indices: torch.Tensor, batch_size: int = 64, bf16: boo
     return torch.cat(out)
 
 
+def fixed_noise(n: int, dim: int, seed: int, device) -> torch.Tensor:
+    """Normal noise drawn on the CPU from its own generator: the same samples on any device."""
+    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)).to(device)
+
+
+@torch.no_grad()
+def sample_gan(generator, vqvae, noise: torch.Tensor) -> torch.Tensor:
+    was_training = generator.training
+    generator.eval()
+    _, idx = generator(noise, vqvae.quantizer)
+    generator.train(was_training)
+    return idx
+
+
+def sample_codes(prior, vqvae, n: int, seed: int, device, cfg) -> torch.Tensor:
+    """n index maps from either prior, deterministic for a seed."""
+    if cfg.prior.kind == "pixelcnn":
+        return prior.sample(n, generator=torch.Generator().manual_seed(seed), temperature=cfg.prior.temperature,
+                            top_k=cfg.prior.top_k, device=device)
+    return sample_gan(prior, vqvae, fixed_noise(n, cfg.gan.noise_dim, seed, device))
+
+
 def generation_metrics(samples: torch.Tensor, sample_idx: torch.Tensor, real: dict, num_codes: int) -> dict:
     """Generated slices against real ones, next to the same figure for real test slices as the reference.
 
     `real` holds float CPU slices `test`, `validate`, `train` and the test split's index maps `test_idx`.
+    The real reference uses as many validation slices as there are samples, evenly spread over the split,
+    because the Frechet distance is biased upwards for small sets: like is compared with like.
     """
+    n = len(samples)
+    val_subset = evenly(real["validate"], n)
+    test_subset = evenly(real["test"], n)
     f_gen = metrics.slice_features(samples)
     f_test = metrics.slice_features(real["test"])
-    f_val = metrics.slice_features(real["validate"])
+    f_val = metrics.slice_features(val_subset)
     kid, kid_std = metrics.kernel_inception_distance(f_gen, f_test)
     kid_real, _ = metrics.kernel_inception_distance(f_val, f_test)
-    n = len(samples)
-    test_subset = real["test"][torch.linspace(0, len(real["test"]) - 1, n).long()]
     return {
         "frechet_distance": metrics.frechet_distance(f_gen, f_test),
         "frechet_distance_real": metrics.frechet_distance(f_val, f_test),

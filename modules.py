@@ -121,10 +121,14 @@ class VectorQuantizer(nn.Module):
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each row of flat (M x D), by squared distance in fp32."""
+        return self.nearest_with_distance(flat)[1]
+
+    def nearest_with_distance(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(squared distance to, index of) the nearest code for each row of flat."""
         with torch.autocast(flat.device.type, enabled=False):
             flat, codes = flat.float(), self.codebook.float()
             d = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None])
-            return d.argmin(1)
+            return d.min(1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """N x h x w indices -> N x D x h x w code map."""
@@ -135,13 +139,13 @@ class VectorQuantizer(nn.Module):
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, d).float()
         if self.training:
             self._init_from(flat)
-        idx = self.nearest(flat)
+        dist_sq, idx = self.nearest_with_distance(flat)
         z_q = self.codebook[idx].float()
         loss = self.beta * F.mse_loss(flat, z_q.detach())
         if self.mode == "loss":
             loss = loss + F.mse_loss(z_q, flat.detach())
         if self.training:
-            self._update(flat.detach(), idx)
+            self._update(flat.detach(), idx, dist_sq)
         z_q = flat + (z_q - flat).detach()
         z_q = z_q.view(n, h, w, d).permute(0, 3, 1, 2).to(z_e.dtype)
         return Quantized(z_q, idx.view(n, h, w), loss)
@@ -158,7 +162,7 @@ class VectorQuantizer(nn.Module):
         self.initialised.fill_(True)
 
     @torch.no_grad()
-    def _update(self, flat: torch.Tensor, idx: torch.Tensor) -> None:
+    def _update(self, flat: torch.Tensor, idx: torch.Tensor, dist_sq: torch.Tensor) -> None:
         counts = _all_reduce(torch.bincount(idx, minlength=self.num_codes).float())
         self.steps += 1
         self.usage += counts.long()
@@ -171,16 +175,21 @@ class VectorQuantizer(nn.Module):
             # Laplace smoothing keeps a rarely chosen code from dividing by ~0.
             smoothed = (self.ema_count + self.eps) / (total + self.num_codes * self.eps) * total
             self.codebook.copy_(self.ema_sum / smoothed[:, None])
-        self._restart_dead(flat)
+        self._restart_dead(flat, dist_sq)
 
     @torch.no_grad()
-    def _restart_dead(self, flat: torch.Tensor) -> None:
-        """Move codes unused for `dead_after` steps onto random encoder outputs of this batch."""
+    def _restart_dead(self, flat: torch.Tensor, dist_sq: torch.Tensor) -> None:
+        """Move codes unused for `dead_after` steps onto encoder outputs of this batch.
+
+        Outputs are drawn in proportion to their distance from the codebook (as k-means++ seeds): uniform
+        draws would mostly land on the black background, which already has its codes, and die again.
+        """
         dead = (self.steps - self.last_used) >= self.dead_after
         n_dead = int(dead.sum())
         if n_dead == 0:
             return
-        pick = torch.randint(len(flat), (n_dead,), device=flat.device)
+        weights = dist_sq.clamp_min(0) + 1e-12
+        pick = torch.multinomial(weights, n_dead, replacement=n_dead > len(flat))
         fresh = _broadcast(flat[pick].clone())
         self.codebook.data[dead] = fresh
         self.ema_sum[dead] = fresh
@@ -296,3 +305,111 @@ class CodeGenerator(nn.Module):
         else:
             one_hot = F.one_hot(out.argmax(1), out.shape[1]).permute(0, 3, 1, 2).float()
         return torch.einsum("nkhw,kd->ndhw", one_hot, codebook), one_hot.argmax(1)
+
+
+# ---------------------------------------------------------------- gated PixelCNN prior over index maps
+
+def _gate(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer of van den Oord et al. (2016), made of plain convs on padded inputs.
+
+    The vertical conv sees rows i - k//2 .. i of its input and the horizontal conv columns j - k//2 .. j.
+    `PixelCNN` shifts its embedded input once, down for the vertical stack and right for the horizontal
+    one, so every position sees only earlier ones without masked weights, and without a blind spot.
+    """
+
+    def __init__(self, channels: int, kernel: int):
+        super().__init__()
+        self.pad = kernel // 2
+        self.v_conv = nn.Conv2d(channels, 2 * channels, (self.pad + 1, kernel))
+        self.h_conv = nn.Conv2d(channels, 2 * channels, (1, self.pad + 1))
+        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.h_out = nn.Conv2d(channels, channels, 1)
+
+    def vertical(self, v: torch.Tensor, pad_top: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (pre-activation, for the link into the horizontal stack; the next layer's vertical input).
+        pad_top=False: v already starts `pad` rows above the first output row (sampling's cached rows)."""
+        pre = self.v_conv(F.pad(v, (self.pad, self.pad, self.pad if pad_top else 0, 0)))
+        return pre, _gate(pre)
+
+    def horizontal(self, h: torch.Tensor, link: torch.Tensor, pad_left: bool = True) -> torch.Tensor:
+        out = self.h_out(_gate(self.h_conv(F.pad(h, (self.pad if pad_left else 0, 0))) + link))
+        return h[..., h.shape[-1] - out.shape[-1]:] + out
+
+
+def draw_codes(logits: torch.Tensor, u: torch.Tensor, temperature: float = 1.0, top_k: int = 0) -> torch.Tensor:
+    """Inverse-CDF draw from softmax(logits / temperature) (N x K) with one uniform per row (N): the uniforms
+    can come from any generator, so a seed gives the same maps on every device. top_k > 0 keeps the k likeliest."""
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    cdf = logits.softmax(-1).cumsum(-1)
+    return (cdf <= u[:, None].to(cdf) * cdf[:, -1:]).sum(-1).clamp_(max=logits.shape[-1] - 1)
+
+
+class PixelCNN(nn.Module):
+    """Gated PixelCNN over N x h x w index maps (no class conditioning) -> N x K x h x w logits.
+
+    Logits at (i, j) depend only on positions before (i, j) in raster order. The first layer has a 7-wide
+    kernel, the rest 3-wide, so a position sees `reach` rows up and as many columns left and right.
+    """
+
+    def __init__(self, cfg, model_cfg: ModelConfig):  # cfg: config.PriorConfig
+        super().__init__()
+        c, self.num_codes, self.size = cfg.hidden, model_cfg.num_codes, model_cfg.latent_size
+        kernels = [7] + [3] * (cfg.layers - 1)
+        self.embed = nn.Embedding(self.num_codes, c)
+        self.layers = nn.ModuleList(GatedLayer(c, k) for k in kernels)
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, self.num_codes, 1))
+        self.reach = 1 + sum(k // 2 for k in kernels)  # the input shift, then each layer's k//2
+
+    def embedding(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.embed(idx.long()).permute(0, 3, 1, 2)  # N x C x h x w, channels_last in memory
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(idx)
+        v, h = F.pad(x, (0, 0, 1, -1)), F.pad(x, (1, -1))  # the one shift that makes both stacks causal
+        for layer in self.layers:
+            pre, v = layer.vertical(v)
+            h = layer.horizontal(h, layer.v_to_h(pre))
+        return self.head(h)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int = 0,
+               device=None) -> torch.Tensor:
+        """n index maps by ancestral sampling in raster order, with the same logits as `forward`.
+
+        Rerunning the network per position would cost h*w full forwards. Instead each layer keeps the few
+        input rows (vertical stack) and columns (horizontal stack) its kernel needs, and computes one new
+        row per image row and one new column per position: about one forward's work in all. Uniforms come
+        from `generator` (CPU or device), so a seed gives the same maps. `device` defaults to the model's."""
+        device = torch.device(device) if device is not None else self.embed.weight.device
+        was_training = self.training
+        self.eval()
+        s, c = self.size, self.embed.embedding_dim
+        u = torch.rand(n, s, s, generator=generator,
+                       device=generator.device if generator is not None else "cpu").to(device)
+        idx = torch.zeros(n, s, s, dtype=torch.long, device=device)
+        zero = torch.zeros(n, c, 1, 1, device=device)
+        rows = [zero.expand(n, c, layer.pad + 1, s) for layer in self.layers]  # zeros stand for the padding
+        for r in range(s):
+            v = self.embedding(idx[:, r - 1:r]) if r else zero.expand(n, c, 1, s)
+            links = []
+            for i, layer in enumerate(self.layers):
+                rows[i] = torch.cat([rows[i][:, :, 1:], v.to(rows[i].dtype)], 2)
+                pre, v = layer.vertical(rows[i], pad_top=False)
+                links.append(layer.v_to_h(pre))
+            cols = [zero.expand(n, c, 1, layer.pad + 1) for layer in self.layers]
+            for j in range(s):
+                h = self.embedding(idx[:, r:r + 1, j - 1:j]) if j else zero
+                for i, layer in enumerate(self.layers):
+                    cols[i] = torch.cat([cols[i][..., 1:], h.to(cols[i].dtype)], 3)
+                    h = layer.horizontal(cols[i], links[i][..., j:j + 1], pad_left=False)
+                idx[:, r, j] = draw_codes(self.head(h)[:, :, 0, 0], u[:, r, j], temperature, top_k)
+        self.train(was_training)
+        return idx

@@ -151,3 +151,21 @@ def load_vqvae(run_dir, device="cpu", which: str = "best"):
     model = VQVAE(cfg.model)
     load_state(model, ckpt["model"], path)
     return model.to(device).eval(), cfg
+
+
+PRIOR_FILES = {"gan": "gan_last.pt", "pixelcnn": "pixelcnn_last.pt"}
+
+
+def load_prior(run_dir, kind: str, device="cpu"):
+    """The run's prior of `kind` ("gan" or "pixelcnn"), rebuilt from its checkpoint alone, in eval mode."""
+    from modules import CodeGenerator, PixelCNN
+
+    run_dir = find_run(run_dir)
+    path = run_dir / PRIOR_FILES[kind]
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no {kind} prior in this run ({path.name} missing; did training finish?)")
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt)
+    prior = CodeGenerator(cfg.gan, cfg.model) if kind == "gan" else PixelCNN(cfg.prior, cfg.model)
+    load_state(prior, ckpt["model"], path)
+    return prior.to(device).eval(), cfg

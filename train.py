@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from config import Config
 from dataset import Split, epoch_permutation, to_float
-from evaluate import decode_indices, encode_split, evaluate_vqvae
+from evaluate import decode_indices, encode_split, evaluate_vqvae, fixed_noise, sample_gan
 from modules import VQVAE, CodeGenerator, Discriminator
 from runs import (autocast, check_same_architecture, load_checkpoint, load_state, pick_device, rng_state,
                   seed_everything, set_rng_state, use_bf16, atomic_save)
@@ -100,6 +100,18 @@ def adam(params, lr: float, device: torch.device, betas=(0.9, 0.999)):
     return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type == "cuda")
 
 
+def set_lr(opt, base_lr: float, schedule: str, step: int, total_steps: int) -> None:
+    """Learning rate as a pure function of the step, so a resumed run follows the same curve."""
+    if schedule == "cosine":
+        lr = 0.5 * base_lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    elif schedule == "constant":
+        lr = base_lr
+    else:
+        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {schedule!r}")
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 def setup(cfg: Config, device) -> tuple[torch.device, bool]:
     device = as_device(device)
     if device.type == "cuda":
@@ -145,6 +157,7 @@ def train_vqvae(cfg: Config, data: dict[str, Split], run_dir, device="auto", res
         bar = tqdm(steps, desc=f"vqvae epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", disable=rank > 0,
                    leave=False, dynamic_ncols=True)
         for i, sl in enumerate(bar):
+            set_lr(opt, cfg.train.lr, cfg.train.lr_schedule, state["step"], len(steps) * cfg.train.epochs)
             x = to_float(train_u8[order[sl]]).contiguous(memory_format=torch.channels_last)
             with autocast(device, bf16):
                 recon, vq_loss, _ = net(x)
@@ -205,20 +218,6 @@ def frozen(vqvae: VQVAE) -> VQVAE:
     vqvae.eval()
     vqvae.requires_grad_(False)
     return vqvae
-
-
-def fixed_noise(n: int, dim: int, seed: int, device) -> torch.Tensor:
-    """Normal noise drawn on the CPU from its own generator: the same figures on any device."""
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)).to(device)
-
-
-@torch.no_grad()
-def sample_gan(generator: CodeGenerator, vqvae: VQVAE, noise: torch.Tensor) -> torch.Tensor:
-    was_training = generator.training
-    generator.eval()
-    _, idx = generator(noise, vqvae.quantizer)
-    generator.train(was_training)
-    return idx
 
 
 def train_gan(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device="auto", resume: bool = False):
@@ -313,3 +312,89 @@ def log_samples(writer, prefix: str, vqvae, idx: torch.Tensor, val: dict, step: 
         if key not in ("epoch", "step"):
             writer.add_scalar(f"{prefix}/{key}", value, step)
     writer.add_image(f"{prefix}/samples", grid(decode_indices(vqvae, idx, bf16=bf16)), step, dataformats="HW")
+
+
+# ---------------------------------------------------------------- PixelCNN prior over code maps
+
+from modules import PixelCNN  # noqa: E402  (kept with its loop; belongs in the import block above)
+
+
+@torch.no_grad()
+def bits_per_code(prior, idx: torch.Tensor, batch_size: int, device, bf16: bool) -> float:
+    """Mean negative log-likelihood of whole index maps, in bits per code."""
+    was_training = prior.training
+    prior.eval()
+    total = torch.zeros((), device=device, dtype=torch.float64)
+    for start in range(0, len(idx), batch_size):
+        target = idx[start:start + batch_size].long()
+        with autocast(device, bf16):
+            logits = prior(target)
+        total += F.cross_entropy(logits.float(), target, reduction="sum").double()
+    prior.train(was_training)
+    return float(total) / (idx.numel() * math.log(2))
+
+
+def train_prior(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device="auto", resume: bool = False):
+    """Train a gated PixelCNN on the frozen VQ-VAE's code maps of data["train"] by maximum likelihood.
+
+    Returns (prior, history) with history = {"train": [[step, loss], ...],
+    "val": [{"epoch", "step", "val_bits_per_code", "code_js", "codes_used"}, ...]}.
+    """
+    device, bf16 = setup(cfg, device)
+    rank, world = dist_info()
+    run_dir = Path(run_dir)
+    last = run_dir / "pixelcnn_last.pt"
+    vqvae = frozen(vqvae.to(device))
+    p_cfg, m_cfg = cfg.prior, cfg.model
+    prior = PixelCNN(p_cfg, m_cfg).to(device)
+    opt = adam(prior.parameters(), p_cfg.lr, device)
+    state = {"epoch": 0, "step": 0, "history": {"train": [], "val": []}}
+    if resume:
+        state = resume_from(last, cfg, "prior", {"model": prior}, {"optimizer": opt}) or state
+    net = prior
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(prior)
+    if cfg.train.compile:
+        net = torch.compile(net)
+
+    train_idx = encode_split(vqvae, data["train"].images, 256, device, bf16)
+    val_idx = encode_split(vqvae, data["validate"].images, 256, device, bf16)
+    writer = make_writer(run_dir, rank)
+    for epoch in range(state["epoch"], p_cfg.epochs):
+        prior.train()
+        order = rank_order(len(train_idx), cfg.seed + 2, epoch, device)
+        steps = batch_slices(len(order), p_cfg.batch_size)
+        pending = []
+        bar = tqdm(steps, desc=f"prior epoch {epoch + 1}/{p_cfg.epochs}", unit="batch", disable=rank > 0,
+                   leave=False, dynamic_ncols=True)
+        for i, sl in enumerate(bar):
+            target = train_idx[order[sl]].long()
+            with autocast(device, bf16):
+                logits = net(target)
+            loss = F.cross_entropy(logits.float(), target)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            state["step"] += 1
+            pending.append(loss.detach()[None])
+            if len(pending) == cfg.train.log_every or i == len(steps) - 1:
+                mean = flush_losses(pending, ("loss",), state["step"], writer, "prior", last)
+                state["history"]["train"].append([state["step"], *mean])
+                bar.set_postfix(loss=f"{mean[0]:.3f}")
+        state["epoch"] = epoch + 1
+        if rank == 0:
+            val = {"val_bits_per_code": bits_per_code(prior, val_idx, max(p_cfg.batch_size, 64), device, bf16)}
+            # Same seed every epoch, so the grids show the model changing rather than the noise; fp32, as
+            # bf16 autocast measured slower for the many small steps of sampling on the CPU.
+            idx = prior.sample(cfg.n_samples, torch.Generator().manual_seed(cfg.seed), p_cfg.temperature, p_cfg.top_k)
+            val.update(evaluate_codes(idx, val_idx, m_cfg.num_codes), epoch=epoch + 1, step=state["step"])
+            state["history"]["val"].append(val)
+            log_samples(writer, "prior", vqvae, idx, val, state["step"], bf16)
+            print(f"prior epoch {epoch + 1}/{p_cfg.epochs}: val {val['val_bits_per_code']:.3f} bits/code, "
+                  f"sample code JS {val['code_js']:.3f}, codes used {val['codes_used']:.0%}")
+            atomic_save({"config": cfg.to_dict(), "model": prior.state_dict(), "optimizer": opt.state_dict(),
+                         "state": state, "rng": rng_state()}, last)
+        if world > 1:
+            dist.barrier()
+    writer.close()
+    return prior, state["history"]

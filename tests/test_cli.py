@@ -1,0 +1,145 @@
+"""driver.py end to end on a tiny generated set, then every predict.py subcommand and their bad inputs."""
+import json
+import os
+
+import numpy as np
+import pytest
+from conftest import write_png
+
+import driver
+import predict
+from synthetic import write_synthetic_dataset
+
+REQUIRED = ["test.ssim", "test.psnr", "test.codebook_usage", "test.perplexity", "generation.frechet_distance",
+            "generation.frechet_distance_real", "generation.kid", "generation.ms_ssim", "generation.nn_ssim",
+            "timing.vqvae_s", "timing.gan_s", "timing.total_s", "device", "preset", "data_dir"]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    os.environ["OASIS_VQVAE_CACHE"] = str(root / "cache")
+    data = root / "data"
+    write_synthetic_dataset(data, cases=(3, 1, 1), size=32, progress=False)
+    run_dir = root / "run"
+    code = driver.main(["--data-dir", str(data), "--preset", "tiny", "--run-dir", str(run_dir), "--device", "cpu",
+                        "--prior", "both"])
+    assert code == 0
+    return run_dir, data
+
+
+def lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def test_driver_writes_the_run_folder(run):
+    run_dir, data = run
+    m = json.loads((run_dir / "metrics.json").read_text())
+    for key in REQUIRED:
+        lookup(m, key)
+    assert m["preset"] == "tiny" and m["data_dir"] == str(data.resolve()) and m["device"] == "cpu"
+    assert "generation_gan" in m and "generation_pixelcnn" in m
+    assert json.loads((run_dir / "config.json").read_text())["preset"] == "tiny"
+    for name in ("vqvae_loss", "val_ssim", "reconstructions", "code_map", "gan_losses", "samples_gan",
+                 "samples_gan_zoom", "nearest_gan", "samples_pixelcnn", "pixelcnn_nll"):
+        assert (run_dir / "figures" / f"{name}.png").is_file(), name
+    assert list(run_dir.glob("events.out.tfevents*"))
+
+
+def test_driver_refuses_to_overwrite_and_resumes(run, capsys):
+    run_dir, data = run
+    assert driver.main(["--data-dir", str(data), "--preset", "tiny", "--run-dir", str(run_dir), "--device", "cpu"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert driver.main(["--data-dir", str(data), "--preset", "tiny", "--run-dir", str(run_dir), "--device", "cpu",
+                        "--resume", "--prior", "both"]) == 0
+
+
+def test_resume_with_another_architecture_fails_in_one_line(run, capsys):
+    run_dir, data = run
+    code = driver.main(["--data-dir", str(data), "--preset", "tiny", "--run-dir", str(run_dir), "--device", "cpu",
+                        "--resume", "--num-codes", "32"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "different architecture" in err[0]
+
+
+def test_evaluate_split_and_folder(run, tmp_path):
+    run_dir, data = run
+    out = tmp_path / "m.json"
+    assert predict.main(["evaluate", "--run", str(run_dir), "--images", str(data / "keras_png_slices_test"),
+                         "--out", str(out), "--device", "cpu"]) == 0
+    m = json.loads(out.read_text())
+    assert {"ssim", "psnr", "codebook_usage"} <= set(m) and m["n_images"] == 32
+    assert predict.main(["evaluate", "--run", str(run_dir), "--split", "validate", "--device", "cpu"]) == 0
+
+
+def test_reconstruct(run, tmp_path):
+    run_dir, data = run
+    assert predict.main(["reconstruct", "--run", str(run_dir), "--images", str(data / "keras_png_slices_test"),
+                         "--out", str(tmp_path), "--device", "cpu"]) == 0
+    assert len(list(tmp_path.glob("*_recon.png"))) == 32 and (tmp_path / "side_by_side.png").is_file()
+
+
+def test_generate_is_deterministic_for_a_seed(run, tmp_path):
+    run_dir, _ = run
+    for name in ("a", "b"):
+        assert predict.main(["generate", "--run", str(run_dir), "--n", "3", "--out", str(tmp_path / name),
+                             "--seed", "5", "--device", "cpu"]) == 0
+    assert (tmp_path / "a" / "grid.png").is_file()
+    for i in range(3):
+        assert (tmp_path / "a" / f"sample_{i:04d}.png").read_bytes() == (tmp_path / "b" / f"sample_{i:04d}.png").read_bytes()
+    assert predict.main(["generate", "--run", str(run_dir), "--n", "2", "--out", str(tmp_path / "g"),
+                         "--prior", "gan", "--device", "cpu"]) == 0
+
+
+def test_figures_redraws(run, capsys):
+    run_dir, _ = run
+    before = (run_dir / "figures" / "vqvae_loss.png").stat().st_mtime_ns
+    assert predict.main(["figures", "--run", str(run_dir), "--device", "cpu"]) == 0
+    assert (run_dir / "figures" / "vqvae_loss.png").stat().st_mtime_ns > before
+
+
+def one_error_line(capsys, argv) -> str:
+    assert predict.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    return err[0]
+
+
+def test_predict_errors(run, tmp_path, capsys):
+    run_dir, _ = run
+    assert "no such run folder" in one_error_line(capsys, ["evaluate", "--run", str(tmp_path / "nope")])
+    (tmp_path / "half").mkdir()
+    assert "incomplete run" in one_error_line(capsys, ["evaluate", "--run", str(tmp_path / "half")])
+    (tmp_path / "empty").mkdir()
+    assert "no PNG files" in one_error_line(capsys, ["reconstruct", "--run", str(run_dir), "--images",
+                                                     str(tmp_path / "empty"), "--out", str(tmp_path / "o")])
+    torn = tmp_path / "torn"
+    torn.mkdir()
+    (torn / "vqvae_best.pt").write_bytes(b"not a checkpoint")
+    assert "not a readable checkpoint" in one_error_line(capsys, ["evaluate", "--run", str(torn)])
+
+
+def test_driver_bad_data_dir(tmp_path, capsys):
+    assert driver.main(["--data-dir", str(tmp_path / "missing"), "--preset", "tiny", "--device", "cpu",
+                        "--run-dir", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "missing" in err[0]
+
+
+def test_help_documents_every_option(capsys):
+    with pytest.raises(SystemExit):
+        driver.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for flag in ("--data-dir", "--preset", "--device", "--run-dir", "--resume", "--seed", "--epochs",
+                 "--batch-size", "--lr", "--num-codes", "--code-dim", "--prior"):
+        assert flag in text
+    assert "default" in text
+
+
+def test_evaluate_folder_of_other_sized_pngs(run, tmp_path):
+    run_dir, _ = run
+    for i in range(3):
+        write_png(tmp_path / "imgs" / f"x{i}.png", np.full((50, 50), 60 * i, np.uint8))
+    assert predict.main(["evaluate", "--run", str(run_dir), "--images", str(tmp_path / "imgs"), "--device", "cpu"]) == 0

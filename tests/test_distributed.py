@@ -1,0 +1,65 @@
+"""DistributedDataParallel on CPU with gloo: identical codebooks on every rank, one run folder from torchrun."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from synthetic import write_synthetic_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train_rank(rank: int, world: int, port: int, data_dir: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OASIS_VQVAE_CACHE=f"{out}/cache{rank}")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    from config import preset
+    from dataset import load_splits
+    from train import train_vqvae
+
+    cfg = preset("tiny")
+    model, _ = train_vqvae(cfg, load_splits(data_dir, cfg.model.image_size), f"{out}/run", "cpu")
+    torch.save({"codebook": model.quantizer.codebook, "decoder": model.decoder.state_dict()}, f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ddp")
+    write_synthetic_dataset(root / "data", cases=(2, 1, 1), size=32, progress=False)
+    return root
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_codebooks_identical_on_both_ranks(data):
+    mp.spawn(_train_rank, args=(2, free_port(), str(data / "data"), str(data)), nprocs=2, join=True)
+    a, b = (torch.load(data / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert torch.equal(a["codebook"], b["codebook"])
+    for k in a["decoder"]:
+        assert torch.equal(a["decoder"][k], b["decoder"][k]), k
+    assert (data / "run" / "vqvae_last.pt").is_file()
+
+
+def test_torchrun_driver_writes_one_run_folder(data, tmp_path):
+    env = dict(os.environ, OASIS_VQVAE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+           str(ROOT / "driver.py"), "--data-dir", str(data / "data"), "--preset", "tiny", "--device", "cpu",
+           "--run-dir", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and "ssim" in metrics["test"]
+    assert [p.name for p in tmp_path.iterdir() if p.is_dir() and p.name != "cache"] == ["run"]
+    assert proc.stdout.count("summary") == 1  # rank 0 alone reports

@@ -224,7 +224,7 @@ def epoch_permutation(n: int, seed: int, epoch: int, device="cpu") -> torch.Tens
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 slices -> float32 in [0, 1], on whatever device they live on."""
-    return images_u8.float().div_(255.0)
+    return images_u8 * (1.0 / 255.0)  # one fused pass: uint8 * float scalar promotes to float32
 
 
 def batches(images_u8: torch.Tensor, batch_size: int, order: torch.Tensor | None = None, drop_last: bool = False):

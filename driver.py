@@ -48,11 +48,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-codes", type=int, help="codebook size K (default: from the preset; paper 512)")
     p.add_argument("--code-dim", type=int, help="code dimension D (default: from the preset; paper 128)")
     p.add_argument("--gan-epochs", type=int, help="GAN epochs (default: from the preset)")
+    p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "
+                   "codebook, or per-position code logits with Gumbel-softmax (default: from the preset)")
     p.add_argument("--prior-epochs", type=int, help="PixelCNN epochs (default: from the preset)")
     p.add_argument("--samples", type=int, help="slices to generate for figures and metrics (default: from the preset)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (default: auto = CUDA, or a CPU "
                                                                     "with native bf16)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the VQ-VAE (slower start, faster steps)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile encoder and decoder with this backend (default: off; bare flag: inductor)")
     p.add_argument("--cache-dir", help="decoded-split cache (default: $OASIS_VQVAE_CACHE or ~/.cache/oasis-vqvae)")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable PNGs with a warning instead of stopping")
     return p.parse_args(argv)
@@ -65,8 +68,8 @@ def build_config(args, device: torch.device) -> Config:
     cfg.data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     cfg.model = override(cfg.model, num_codes=args.num_codes, code_dim=args.code_dim)
     cfg.train = override(cfg.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
-                         compile=args.compile or None)
-    cfg.gan = override(cfg.gan, epochs=args.gan_epochs)
+                         compile=args.compile)
+    cfg.gan = override(cfg.gan, epochs=args.gan_epochs, head=args.gan_head)
     kind = args.prior or DEFAULT_PRIOR
     cfg.prior = override(cfg.prior, epochs=args.prior_epochs, kind="pixelcnn" if kind == "both" else kind)
     if args.samples:

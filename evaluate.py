@@ -99,7 +99,8 @@ def generation_metrics(samples: torch.Tensor, sample_idx: torch.Tensor, real: di
     The real reference uses as many validation slices as there are samples, evenly spread over the split,
     because the Frechet distance is biased upwards for small sets: like is compared with like.
     """
-    n = len(samples)
+    n = min(len(samples), len(real["validate"]))  # the Frechet bias depends on n: compare equal-sized sets
+    samples, sample_idx = samples[:n], sample_idx[:n]
     val_subset = evenly(real["validate"], n)
     test_subset = evenly(real["test"], n)
     f_gen = metrics.slice_features(samples)

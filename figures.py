@@ -43,6 +43,8 @@ def _save(fig, path) -> Path:
 
 
 def _image_axes(ax, image, title=None, **kw):
+    if torch.is_tensor(image):
+        image = image.detach().float().cpu().numpy()
     ax.imshow(image, cmap=kw.pop("cmap", "gray"), vmin=kw.pop("vmin", 0), vmax=kw.pop("vmax", 1),
               interpolation="nearest", **kw)
     ax.set_xticks([]), ax.set_yticks([])
@@ -122,5 +124,31 @@ def save_zoom(images: torch.Tensor, path, title: str = "") -> Path:
         fig, axes = plt.subplots(2, 3, figsize=(9, 6.3), dpi=110)
         for ax, im in zip(axes.flat, images[:6]):
             _image_axes(ax, im[0].float().clamp(0, 1).cpu())
+        fig.suptitle(title, fontsize=11)
+        return _save(fig, path)
+
+
+def save_pipeline(image, indices, recon, sample_indices, sample, num_codes: int, path, title: str = "") -> Path:
+    """The pipeline on real tensors: slice -> codes -> reconstruction, and prior -> codes -> new slice."""
+    panels = [[(image[0], "slice"), (index_map_rgb(indices, num_codes), "encoder + quantizer:\ncode indices"),
+               (recon[0], "decoder:\nreconstruction")],
+              [(None, "prior\n(GAN or PixelCNN)"), (index_map_rgb(sample_indices, num_codes), "sampled\ncode indices"),
+               (sample[0], "decoder:\nnew slice")]]
+    with plt.rc_context(DARK):
+        fig, axes = plt.subplots(2, 3, figsize=(9, 6.4), dpi=100)
+        for r, row in enumerate(panels):
+            for c, (im, label) in enumerate(row):
+                ax = axes[r, c]
+                if im is None:
+                    ax.axis("off")
+                    ax.text(0.5, 0.5, label, ha="center", va="center", fontsize=13, color="white",
+                            bbox=dict(boxstyle="round", fc="#333333", ec="gray"))
+                    continue
+                _image_axes(ax, im.float().clamp(0, 1).cpu() if torch.is_tensor(im) else im, label)
+                if c < 2:
+                    ax.annotate("", xy=(1.13, 0.5), xytext=(1.01, 0.5), xycoords="axes fraction",
+                                arrowprops=dict(arrowstyle="->", color="white", lw=2))
+        axes[1, 0].annotate("", xy=(1.13, 0.5), xytext=(0.85, 0.5), xycoords="axes fraction",
+                            arrowprops=dict(arrowstyle="->", color="white", lw=2))
         fig.suptitle(title, fontsize=11)
         return _save(fig, path)

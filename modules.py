@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from config import GANConfig, ModelConfig
+from config import GANConfig, ModelConfig, PriorConfig
 
 
 # ---------------------------------------------------------------- VQ-VAE
@@ -127,8 +127,9 @@ class VectorQuantizer(nn.Module):
         """(squared distance to, index of) the nearest code for each row of flat."""
         with torch.autocast(flat.device.type, enabled=False):
             flat, codes = flat.float(), self.codebook.float()
-            d = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codes.t() + codes.pow(2).sum(1)[None])
-            return d.min(1)
+            # |x|^2 is the same for every code: leave it out of the M x K matrix, add it to the minimum only.
+            partial, idx = torch.addmm(codes.pow(2).sum(1)[None], flat, codes.t(), alpha=-2).min(1)
+            return partial + flat.pow(2).sum(1), idx
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """N x h x w indices -> N x D x h x w code map."""
@@ -146,7 +147,7 @@ class VectorQuantizer(nn.Module):
             loss = loss + F.mse_loss(z_q, flat.detach())
         if self.training:
             self._update(flat.detach(), idx, dist_sq)
-        z_q = flat + (z_q - flat).detach()
+        z_q = z_q + (flat - flat.detach())  # straight-through; forward value is exactly the code
         z_q = z_q.view(n, h, w, d).permute(0, 3, 1, 2).to(z_e.dtype)
         return Quantized(z_q, idx.view(n, h, w), loss)
 
@@ -298,7 +299,7 @@ class CodeGenerator(nn.Module):
             n, d, h, w = out.shape
             flat = out.permute(0, 2, 3, 1).reshape(-1, d)
             idx = quantizer.nearest(flat)
-            snapped = flat + (codebook[idx] - flat).detach()
+            snapped = codebook[idx] + (flat - flat.detach())  # exact codes forward, gradients to G
             return snapped.view(n, h, w, d).permute(0, 3, 1, 2), idx.view(n, h, w)
         if self.training:
             one_hot = F.gumbel_softmax(out, tau=self.tau, hard=True, dim=1)
@@ -356,10 +357,11 @@ class PixelCNN(nn.Module):
     """Gated PixelCNN over N x h x w index maps (no class conditioning) -> N x K x h x w logits.
 
     Logits at (i, j) depend only on positions before (i, j) in raster order. The first layer has a 7-wide
-    kernel, the rest 3-wide, so a position sees `reach` rows up and as many columns left and right.
+    kernel, the rest 3-wide, so a position sees `reach` rows up and as many columns left and right; a
+    learned position map added to the code embeddings tells it where on the grid it is.
     """
 
-    def __init__(self, cfg, model_cfg: ModelConfig):  # cfg: config.PriorConfig
+    def __init__(self, cfg: PriorConfig, model_cfg: ModelConfig):
         super().__init__()
         c, self.num_codes, self.size = cfg.hidden, model_cfg.num_codes, model_cfg.latent_size
         kernels = [7] + [3] * (cfg.layers - 1)
@@ -367,9 +369,14 @@ class PixelCNN(nn.Module):
         self.layers = nn.ModuleList(GatedLayer(c, k) for k in kernels)
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(c, c, 1), nn.ReLU(), nn.Conv2d(c, self.num_codes, 1))
         self.reach = 1 + sum(k // 2 for k in kernels)  # the input shift, then each layer's k//2
+        # Where a code sits says much about it (brains are centred, borders are background), and a model
+        # that sees only `reach` codes around it cannot tell: without this map, samples grew stray partial
+        # brains at the bottom of the grid. Added to the input, it is shifted with it, so stays causal.
+        self.pos = nn.Parameter(torch.zeros(1, c, self.size, self.size))
 
-    def embedding(self, idx: torch.Tensor) -> torch.Tensor:
-        return self.embed(idx.long()).permute(0, 3, 1, 2)  # N x C x h x w, channels_last in memory
+    def embedding(self, idx: torch.Tensor, rows: slice = slice(None), cols: slice = slice(None)) -> torch.Tensor:
+        """Embeddings of idx, the codes at grid rows x cols: N x C x h x w, channels_last in memory."""
+        return self.embed(idx.long()).permute(0, 3, 1, 2) + self.pos[:, :, rows, cols]
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.embedding(idx)
@@ -388,9 +395,20 @@ class PixelCNN(nn.Module):
         input rows (vertical stack) and columns (horizontal stack) its kernel needs, and computes one new
         row per image row and one new column per position: about one forward's work in all. Uniforms come
         from `generator` (CPU or device), so a seed gives the same maps. `device` defaults to the model's."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be positive, not {temperature}; top_k=1 gives the likeliest codes")
         device = torch.device(device) if device is not None else self.embed.weight.device
-        was_training = self.training
+        was_training, threads = self.training, torch.get_num_threads()
         self.eval()
+        if device.type == "cpu":  # each step's tensors are tiny: a second thread only adds waiting (10x slower
+            torch.set_num_threads(1)  # measured on a busy 2-core CPU)
+        try:
+            return self._sample(n, generator, temperature, top_k, device)
+        finally:
+            torch.set_num_threads(threads)
+            self.train(was_training)
+
+    def _sample(self, n, generator, temperature, top_k, device) -> torch.Tensor:
         s, c = self.size, self.embed.embedding_dim
         u = torch.rand(n, s, s, generator=generator,
                        device=generator.device if generator is not None else "cpu").to(device)
@@ -398,7 +416,7 @@ class PixelCNN(nn.Module):
         zero = torch.zeros(n, c, 1, 1, device=device)
         rows = [zero.expand(n, c, layer.pad + 1, s) for layer in self.layers]  # zeros stand for the padding
         for r in range(s):
-            v = self.embedding(idx[:, r - 1:r]) if r else zero.expand(n, c, 1, s)
+            v = self.embedding(idx[:, r - 1:r], slice(r - 1, r)) if r else zero.expand(n, c, 1, s)
             links = []
             for i, layer in enumerate(self.layers):
                 rows[i] = torch.cat([rows[i][:, :, 1:], v.to(rows[i].dtype)], 2)
@@ -406,10 +424,9 @@ class PixelCNN(nn.Module):
                 links.append(layer.v_to_h(pre))
             cols = [zero.expand(n, c, 1, layer.pad + 1) for layer in self.layers]
             for j in range(s):
-                h = self.embedding(idx[:, r:r + 1, j - 1:j]) if j else zero
+                h = self.embedding(idx[:, r:r + 1, j - 1:j], slice(r, r + 1), slice(j - 1, j)) if j else zero
                 for i, layer in enumerate(self.layers):
                     cols[i] = torch.cat([cols[i][..., 1:], h.to(cols[i].dtype)], 3)
                     h = layer.horizontal(cols[i], links[i][..., j:j + 1], pad_left=False)
                 idx[:, r, j] = draw_codes(self.head(h)[:, :, 0, 0], u[:, r, j], temperature, top_k)
-        self.train(was_training)
         return idx

@@ -64,7 +64,7 @@ def evaluate_run(run_dir, splits: dict, device, priors=None) -> dict:
     samples = {}
     for kind in priors or trained_priors(run_dir):
         images, idx = generate(run_dir, vqvae, kind, cfg.n_samples, cfg.seed, device)
-        samples[kind] = images
+        samples[kind] = (images, idx)
         results[f"generation_{kind}"] = generation_metrics(images, idx, real, cfg.model.num_codes)
     if cfg.prior.kind in samples:
         results["generation"] = results[f"generation_{cfg.prior.kind}"]
@@ -73,7 +73,7 @@ def evaluate_run(run_dir, splits: dict, device, priors=None) -> dict:
 
 
 def draw_figures(run_dir, vqvae, cfg: Config, splits: dict, samples: dict, device) -> list[Path]:
-    """Every figure of a run, from its checkpoints' histories, its models and the given samples."""
+    """Every figure of a run, from its checkpoints' histories, its models and samples {kind: (slices, index maps)}."""
     out = Path(run_dir) / "figures"
     made = []
     vq = load_checkpoint(Path(run_dir) / "vqvae_last.pt")["state"]["history"]
@@ -98,9 +98,14 @@ def draw_figures(run_dir, vqvae, cfg: Config, splits: dict, samples: dict, devic
         val = load_checkpoint(Path(run_dir) / "pixelcnn_last.pt")["state"]["history"]["val"]
         made.append(figures.save_curves({"validation": ([v["epoch"] for v in val], [v["val_bits_per_code"] for v in val])},
                                         out / "pixelcnn_nll.png", "PixelCNN validation NLL", "epoch", "bits per code"))
+    if samples:
+        images, sample_idx = next(iter(samples.values()))
+        made.append(figures.save_pipeline(x[len(x) // 2], idx[len(x) // 2], rec[len(x) // 2], sample_idx[0], images[0],
+                                          cfg.model.num_codes, out / "pipeline.png",
+                                          f"{cfg.preset} preset, {Path(cfg.data_dir).name if cfg.data_dir else 'built-in data'}"))
     train_float = to_float(splits["train"].images)
-    for kind, images in samples.items():
-        made.append(figures.save_montage(images, out / f"samples_{kind}.png", f"{len(images)} samples, {kind} prior"))
+    for kind, (images, _) in samples.items():
+        made.append(figures.save_montage(images[:64], out / f"samples_{kind}.png", f"{min(len(images), 64)} samples, {kind} prior"))
         made.append(figures.save_zoom(images, out / f"samples_{kind}_zoom.png", f"samples, {kind} prior"))
         ssim, nearest = metrics.nearest_neighbours(images[:8], train_float)
         made.append(figures.save_side_by_side(
@@ -172,7 +177,7 @@ def cmd_generate(args, device) -> None:
 def cmd_figures(args, device) -> None:
     vqvae, cfg = load_vqvae(args.run, device)
     splits = load_splits(run_data_dir(cfg), cfg.model.image_size)
-    samples = {k: generate(args.run, vqvae, k, cfg.n_samples, cfg.seed, device)[0] for k in trained_priors(args.run)}
+    samples = {k: generate(args.run, vqvae, k, cfg.n_samples, cfg.seed, device) for k in trained_priors(args.run)}
     for path in draw_figures(args.run, vqvae, cfg, splits, samples, device):
         print(path)
 

@@ -20,9 +20,12 @@ from tqdm import tqdm
 from config import Config
 from dataset import Split, epoch_permutation, to_float
 from evaluate import decode_indices, encode_split, evaluate_vqvae, fixed_noise, sample_gan
-from modules import VQVAE, CodeGenerator, Discriminator
+from modules import VQVAE, CodeGenerator, Discriminator, PixelCNN
 from runs import (autocast, check_same_architecture, load_checkpoint, load_state, pick_device, rng_state,
                   seed_everything, set_rng_state, use_bf16, atomic_save)
+
+
+SHOWN = 64  # samples drawn after each epoch for TensorBoard and per-epoch code statistics
 
 
 class TrainingDiverged(Exception):
@@ -97,7 +100,7 @@ def resume_from(path: Path, cfg: Config, part: str, modules: dict, optimizers: d
 
 
 def adam(params, lr: float, device: torch.device, betas=(0.9, 0.999)):
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type == "cuda")
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
 def set_lr(opt, base_lr: float, schedule: str, step: int, total_steps: int) -> None:
@@ -142,8 +145,7 @@ def train_vqvae(cfg: Config, data: dict[str, Split], run_dir, device="auto", res
     net = model
     if world > 1:  # codebook buffers are kept in sync by the quantizer itself, not by DDP
         net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    if cfg.train.compile:
-        net = torch.compile(net)
+    compile_convs(model, cfg.train.compile)
 
     train_u8, val_u8 = data["train"].images.to(device), data["validate"].images.to(device)
     shown = val_u8[torch.linspace(0, len(val_u8) - 1, cfg.train.eval_images).long()]
@@ -159,15 +161,8 @@ def train_vqvae(cfg: Config, data: dict[str, Split], run_dir, device="auto", res
         for i, sl in enumerate(bar):
             set_lr(opt, cfg.train.lr, cfg.train.lr_schedule, state["step"], len(steps) * cfg.train.epochs)
             x = to_float(train_u8[order[sl]]).contiguous(memory_format=torch.channels_last)
-            with autocast(device, bf16):
-                recon, vq_loss, _ = net(x)
-            rec = F.mse_loss(recon.float(), x)
-            loss = rec + vq_loss
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            pending.append(vqvae_step(net, opt, x, device, bf16))
             state["step"] += 1
-            pending.append(torch.stack([loss.detach(), rec.detach(), vq_loss.detach()]))
             if len(pending) == cfg.train.log_every or i == len(steps) - 1:
                 mean = flush_losses(pending, ("loss", "recon_mse", "vq_loss"), state["step"], writer, "vqvae", last)
                 state["history"]["train"].append([state["step"], *mean])
@@ -192,6 +187,26 @@ def train_vqvae(cfg: Config, data: dict[str, Split], run_dir, device="auto", res
             dist.barrier()
     writer.close()
     return model, state["history"]
+
+
+def compile_convs(model: VQVAE, backend: str) -> None:
+    """Compile encoder and decoder in place (state-dict keys unchanged). The quantizer stays eager: its
+    data-dependent EMA update and dead-code restarts would only cause graph breaks."""
+    if backend != "off":
+        model.encoder.compile(backend=backend)
+        model.decoder.compile(backend=backend)
+
+
+def vqvae_step(net, opt, x: torch.Tensor, device, bf16: bool) -> torch.Tensor:
+    """One optimiser step; returns (loss, recon_mse, vq_loss) left on the device (no host sync)."""
+    with autocast(device, bf16):
+        recon, vq_loss, _ = net(x)
+    rec = F.mse_loss(recon.float(), x)
+    loss = rec + vq_loss
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return torch.stack([loss.detach(), rec.detach(), vq_loss.detach()])
 
 
 @torch.no_grad()
@@ -249,9 +264,8 @@ def train_gan(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device
 
     real_idx = encode_split(vqvae, data["train"].images, 256, device, bf16)
     val_idx = encode_split(vqvae, data["validate"].images, 256, device, bf16)
-    noise_fixed = fixed_noise(cfg.n_samples, g_cfg.noise_dim, cfg.seed, device)
+    noise_fixed = fixed_noise(min(cfg.n_samples, SHOWN), g_cfg.noise_dim, cfg.seed, device)
     writer = make_writer(run_dir, rank)
-    bce = F.binary_cross_entropy_with_logits
     for epoch in range(state["epoch"], g_cfg.epochs):
         gen.train(), disc.train()
         order = rank_order(len(real_idx), cfg.seed + 1, epoch, device)
@@ -261,21 +275,8 @@ def train_gan(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device
                    leave=False, dynamic_ncols=True)
         for i, sl in enumerate(bar):
             real = vqvae.quantizer.lookup(real_idx[order[sl]].long())
-            noise = torch.randn(len(real), g_cfg.noise_dim, device=device)
-            fake, _ = g_net(noise, vqvae.quantizer)
-            d_real, d_fake = d_net(real), d_net(fake.detach())
-            loss_d = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
-            opt_d.zero_grad(set_to_none=True)
-            loss_d.backward()
-            opt_d.step()
-            d_gen = d_net(fake)
-            loss_g = bce(d_gen, torch.ones_like(d_gen))
-            opt_g.zero_grad(set_to_none=True)
-            loss_g.backward()
-            opt_g.step()
+            pending.append(gan_step(g_net, d_net, opt_g, opt_d, real, vqvae.quantizer, g_cfg.noise_dim, device, bf16))
             state["step"] += 1
-            pending.append(torch.stack([loss_d.detach(), loss_g.detach(),
-                                        torch.sigmoid(d_real).mean().detach(), torch.sigmoid(d_fake).mean().detach()]))
             if len(pending) == cfg.train.log_every or i == len(steps) - 1:
                 mean = flush_losses(pending, ("loss_d", "loss_g", "d_real", "d_fake"), state["step"], writer, "gan", last)
                 state["history"]["train"].append([state["step"], *mean])
@@ -294,6 +295,28 @@ def train_gan(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device
             dist.barrier()
     writer.close()
     return gen, state["history"]
+
+
+def gan_step(g_net, d_net, opt_g, opt_d, real: torch.Tensor, quantizer, noise_dim: int, device,
+             bf16: bool) -> torch.Tensor:
+    """One D step on real and detached fake maps, then one G step; returns (loss_d, loss_g, D(real), D(fake))."""
+    bce = F.binary_cross_entropy_with_logits
+    noise = torch.randn(len(real), noise_dim, device=device)
+    with autocast(device, bf16):
+        fake, _ = g_net(noise, quantizer)
+        d_real, d_fake = d_net(real).float(), d_net(fake.detach()).float()
+    loss_d = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
+    opt_d.zero_grad(set_to_none=True)
+    loss_d.backward()
+    opt_d.step()
+    with autocast(device, bf16):
+        d_gen = d_net(fake).float()
+    loss_g = bce(d_gen, torch.ones_like(d_gen))
+    opt_g.zero_grad(set_to_none=True)
+    loss_g.backward()
+    opt_g.step()
+    return torch.stack([loss_d.detach(), loss_g.detach(),
+                        torch.sigmoid(d_real).mean().detach(), torch.sigmoid(d_fake).mean().detach()])
 
 
 def evaluate_codes(idx: torch.Tensor, real_idx: torch.Tensor, num_codes: int) -> dict:
@@ -316,7 +339,6 @@ def log_samples(writer, prefix: str, vqvae, idx: torch.Tensor, val: dict, step: 
 
 # ---------------------------------------------------------------- PixelCNN prior over code maps
 
-from modules import PixelCNN  # noqa: E402  (kept with its loop; belongs in the import block above)
 
 
 @torch.no_grad()
@@ -354,8 +376,6 @@ def train_prior(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, devi
     net = prior
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(prior)
-    if cfg.train.compile:
-        net = torch.compile(net)
 
     train_idx = encode_split(vqvae, data["train"].images, 256, device, bf16)
     val_idx = encode_split(vqvae, data["validate"].images, 256, device, bf16)
@@ -386,7 +406,8 @@ def train_prior(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, devi
             val = {"val_bits_per_code": bits_per_code(prior, val_idx, max(p_cfg.batch_size, 64), device, bf16)}
             # Same seed every epoch, so the grids show the model changing rather than the noise; fp32, as
             # bf16 autocast measured slower for the many small steps of sampling on the CPU.
-            idx = prior.sample(cfg.n_samples, torch.Generator().manual_seed(cfg.seed), p_cfg.temperature, p_cfg.top_k)
+            idx = prior.sample(min(cfg.n_samples, SHOWN), torch.Generator().manual_seed(cfg.seed), p_cfg.temperature,
+                               p_cfg.top_k)
             val.update(evaluate_codes(idx, val_idx, m_cfg.num_codes), epoch=epoch + 1, step=state["step"])
             state["history"]["val"].append(val)
             log_samples(writer, "prior", vqvae, idx, val, state["step"], bf16)

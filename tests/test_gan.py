@@ -33,6 +33,7 @@ def test_generator_gets_gradients_through_the_snap(trained, head):
     vqvae, _ = trained
     cfg = preset("tiny")
     gen = CodeGenerator(dataclasses.replace(cfg.gan, head=head), cfg.model).train()
+    vqvae.zero_grad(set_to_none=True)  # left over from its own training
     disc = Discriminator(cfg.gan, cfg.model.latent_size, cfg.model.code_dim)
     maps, _ = gen(torch.randn(4, cfg.gan.noise_dim), vqvae.quantizer)
     disc(maps).sum().backward()

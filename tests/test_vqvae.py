@@ -155,6 +155,13 @@ def test_bf16_channels_last_path_runs_on_cpu(data, tmp_path):
     assert next(model.encoder.parameters()).is_contiguous(memory_format=torch.channels_last)
 
 
+def test_compiled_encoder_and_decoder_train(data, tmp_path):
+    # aot_eager traces through dynamo and AOTAutograd like inductor does, without minutes of C++ codegen
+    model, history = train_vqvae(tiny(epochs=1, compile="aot_eager"), data, tmp_path, "cpu")
+    assert history["val"][0]["ssim"] > -1
+    assert set(model.state_dict()) == set(VQVAE(preset("tiny").model).state_dict())
+
+
 def test_tensorboard_holds_scalars_and_images(data, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

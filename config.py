@@ -52,6 +52,8 @@ class GANConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     tau: float = 1.0             # Gumbel-softmax temperature of the "logits" head
+    spectral_norm: bool = False  # spectral normalisation of D's convolutions (keeps D from overpowering G)
+    real_label: float = 1.0      # target for real maps; 0.9 is one-sided label smoothing
 
 
 @dataclass

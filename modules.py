@@ -262,12 +262,15 @@ class Discriminator(nn.Module):
     def __init__(self, cfg: GANConfig, latent_size: int, in_channels: int):
         super().__init__()
         c = cfg.d_width
-        layers = [nn.Conv2d(in_channels, c, 4, 2, 1), nn.LeakyReLU(0.2, True)]  # no BatchNorm on the first layer
+        # Spectral normalisation replaces BatchNorm where it is on: the two fight over the same scale.
+        sn = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda layer: layer)
+        norm = (lambda ch: nn.Identity()) if cfg.spectral_norm else nn.BatchNorm2d
+        layers = [sn(nn.Conv2d(in_channels, c, 4, 2, 1)), nn.LeakyReLU(0.2, True)]  # no BatchNorm on the first layer
         for _ in range(_upsamplings(latent_size) - 1):
-            layers += [nn.Conv2d(c, c * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(c * 2), nn.LeakyReLU(0.2, True)]
+            layers += [sn(nn.Conv2d(c, c * 2, 4, 2, 1, bias=False)), norm(c * 2), nn.LeakyReLU(0.2, True)]
             c *= 2
         size = 4 if _upsamplings(latent_size) else 2
-        layers.append(nn.Conv2d(c, 1, size, 1, 0))
+        layers.append(sn(nn.Conv2d(c, 1, size, 1, 0)))
         self.net = nn.Sequential(*layers)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:

@@ -98,8 +98,8 @@ def draw_figures(run_dir, vqvae, cfg: Config, splits: dict, samples: dict, devic
         val = load_checkpoint(Path(run_dir) / "pixelcnn_last.pt")["state"]["history"]["val"]
         made.append(figures.save_curves({"validation": ([v["epoch"] for v in val], [v["val_bits_per_code"] for v in val])},
                                         out / "pixelcnn_nll.png", "PixelCNN validation NLL", "epoch", "bits per code"))
-    if samples:
-        images, sample_idx = next(iter(samples.values()))
+    if samples:  # the pipeline figure shows the PixelCNN when there is one: it measured the better prior
+        images, sample_idx = samples.get("pixelcnn", next(iter(samples.values())))
         made.append(figures.save_pipeline(x[len(x) // 2], idx[len(x) // 2], rec[len(x) // 2], sample_idx[0], images[0],
                                           cfg.model.num_codes, out / "pipeline.png",
                                           f"{cfg.preset} preset, {Path(cfg.data_dir).name if cfg.data_dir else 'built-in data'}"))

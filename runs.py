@@ -112,7 +112,7 @@ def checkpoint_config(ckpt: dict) -> Config:
 
 def check_same_architecture(ckpt: dict, cfg: Config, path: Path, part: str = "model") -> None:
     """Fail in one line when a checkpoint was trained with a different architecture than requested."""
-    saved = ckpt["config"][part]
+    saved = Config.from_dict(ckpt["config"]).to_dict()[part]  # fields added since then take their defaults
     wanted = cfg.to_dict()[part]
     training_only = {"epochs", "batch_size", "lr", "beta1", "beta2", "temperature", "top_k", "kind"}
     diff = [f"{k}={saved.get(k)!r} (requested {v!r})" for k, v in wanted.items()

@@ -275,7 +275,8 @@ def train_gan(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device
                    leave=False, dynamic_ncols=True)
         for i, sl in enumerate(bar):
             real = vqvae.quantizer.lookup(real_idx[order[sl]].long())
-            pending.append(gan_step(g_net, d_net, opt_g, opt_d, real, vqvae.quantizer, g_cfg.noise_dim, device, bf16))
+            pending.append(gan_step(g_net, d_net, opt_g, opt_d, real, vqvae.quantizer, g_cfg.noise_dim, device, bf16,
+                                    g_cfg.real_label))
             state["step"] += 1
             if len(pending) == cfg.train.log_every or i == len(steps) - 1:
                 mean = flush_losses(pending, ("loss_d", "loss_g", "d_real", "d_fake"), state["step"], writer, "gan", last)
@@ -298,14 +299,14 @@ def train_gan(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device
 
 
 def gan_step(g_net, d_net, opt_g, opt_d, real: torch.Tensor, quantizer, noise_dim: int, device,
-             bf16: bool) -> torch.Tensor:
+             bf16: bool, real_label: float = 1.0) -> torch.Tensor:
     """One D step on real and detached fake maps, then one G step; returns (loss_d, loss_g, D(real), D(fake))."""
     bce = F.binary_cross_entropy_with_logits
     noise = torch.randn(len(real), noise_dim, device=device)
     with autocast(device, bf16):
         fake, _ = g_net(noise, quantizer)
         d_real, d_fake = d_net(real).float(), d_net(fake.detach()).float()
-    loss_d = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
+    loss_d = bce(d_real, torch.full_like(d_real, real_label)) + bce(d_fake, torch.zeros_like(d_fake))
     opt_d.zero_grad(set_to_none=True)
     loss_d.backward()
     opt_d.step()

@@ -11,7 +11,7 @@ Per device and preset, in images/s unless said:
               with skimage.io.imread (skimage.transform.resize only when the size differs), DataLoader with
               num_workers=0.
   step        one VQ-VAE training step. Ours: train.train_vqvae's step, line for line (bf16 autocast where
-              runs.use_bf16 says so, channels_last, fused Adam on CUDA, EMA codebook, no host sync).
+              runs.use_bf16 says so, channels_last, fused Adam, EMA codebook, no host sync).
               Baseline: the same Encoder and Decoder in fp32, contiguous, with the report's dense one-hot
               quantizer (one_hot(argmin) @ codebook, codebook + commitment loss), plain Adam, loss.item() per
               step, and PyTorch's default backend flags (on CUDA: no cudnn.benchmark, no TF32 matmuls).

@@ -96,16 +96,14 @@ def decode_png(path: Path, size: int) -> tuple[np.ndarray, bool]:
         raise DataError(f"{path}: not a decodable PNG, truncated or corrupt ({e})") from None
     resized = gray.shape != (size, size)
     if resized:
-        gray = np.asarray(Image.fromarray(gray, mode="F").resize((size, size), Image.BILINEAR))
+        gray = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR))  # float32 -> mode "F"
     return np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8), resized
 
 
 def to_gray_float(im: Image.Image) -> np.ndarray:
     """float32 gray in [0, 1] for any PNG mode."""
-    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-        a = np.asarray(im, dtype=np.float32)
-        peak = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
-        return a / peak
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # PNG's 16-bit gray: scaled by its range, never its content
+        return np.asarray(im, dtype=np.float32) / 65535.0
     if im.mode in ("RGBA", "LA", "PA"):
         im = im.convert("RGB" if im.mode == "RGBA" else "L")
     if im.mode != "L":
@@ -172,6 +170,11 @@ def atomic_write(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as f:  # a handle: given a name not ending in .npy, np.save would append one
+        np.save(f, array, allow_pickle=False)
+
+
 def load_folder(folder, size: int = 256, cache_dir=None, skip_bad: bool = False) -> tuple[np.ndarray, list[str]]:
     """All PNG slices of one folder as uint8 N x 1 x size x size, decoded once and cached on disk."""
     folder = Path(folder)
@@ -185,7 +188,7 @@ def load_folder(folder, size: int = 256, cache_dir=None, skip_bad: bool = False)
     array, names = decode_all(files, size, skip_bad, desc=f"decoding {folder.name}")
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write(array_path, lambda p: np.save(p.open("wb"), array))
+        atomic_write(array_path, lambda p: save_npy(p, array))
         atomic_write(meta_path, lambda p: p.write_text(json.dumps({"key": key, "names": names})))
     except OSError as e:  # a read-only cache only costs speed
         print(f"warning: could not write cache in {cache_dir} ({e.strerror or e})", file=sys.stderr)
@@ -256,6 +259,20 @@ def split_cases(total: int) -> tuple[int, int, int]:
 
 # ---------------------------------------------------------------- CLI
 
+def intensity_stats(images_u8: torch.Tensor, chunk: int = 512) -> dict:
+    """Mean, std, background fraction and mean of non-zero pixels, in chunks: a whole OASIS split as float
+    would take gigabytes."""
+    total = total_sq = zeros = brain = 0.0
+    for start in range(0, len(images_u8), chunk):
+        x = images_u8[start:start + chunk].double() / 255
+        total, total_sq = total + float(x.sum()), total_sq + float(x.pow(2).sum())
+        zeros += float((x == 0).sum())
+    n = images_u8.numel()
+    mean = total / n
+    return {"mean": mean, "std": max(total_sq / n - mean**2, 0.0) ** 0.5, "background": zeros / n,
+            "brain_mean": total / max(n - zeros, 1)}
+
+
 def describe(data_dir, size: int, cache_dir, skip_bad: bool, montage: Path) -> None:
     root = find_root(data_dir)
     present = [s for s in SPLITS if (root / split_folder_name(s)).is_dir()]
@@ -264,10 +281,9 @@ def describe(data_dir, size: int, cache_dir, skip_bad: bool, montage: Path) -> N
     shown = None
     for s in present:
         split = load_split(root, s, size, cache_dir, skip_bad)
-        x = split.images.float() / 255
-        brain = x[x > 0]
-        print(f"{s:9s} {len(split):6d} slices  {size}x{size}  mean {x.mean():.3f}  std {x.std():.3f}  "
-              f"background {float((x == 0).float().mean()):.1%}  brain mean {brain.mean():.3f}")
+        stats = intensity_stats(split.images)
+        print(f"{s:9s} {len(split):6d} slices  {size}x{size}  mean {stats['mean']:.3f}  std {stats['std']:.3f}  "
+              f"background {stats['background']:.1%}  brain mean {stats['brain_mean']:.3f}")
         shown = split if s == "train" or shown is None else shown
     from figures import save_montage
     save_montage(to_float(shown.images[:: max(1, len(shown) // 32)][:32]), montage,

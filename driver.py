@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ import torch.distributed as dist
 
 from config import PRESETS, Config, preset
 from dataset import BUILTIN_DIR, DataError, ensure_builtin, load_splits
-from runs import RunError, pick_device, write_json
+from runs import RunError, at_least, check_same_architecture, load_checkpoint, pick_device, write_json
 import train
 from train import TrainingDiverged, dist_info, train_gan, train_vqvae
 
@@ -41,17 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/NNN-<preset>-<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoints")
-    p.add_argument("--seed", type=int, default=0, help="seed for weights, shuffling and sampling (default: 0)")
-    p.add_argument("--epochs", type=int, help="VQ-VAE epochs (default: from the preset; paper 15, quick 6)")
-    p.add_argument("--batch-size", type=int, help="VQ-VAE batch size (default: from the preset; 32)")
-    p.add_argument("--lr", type=float, help="VQ-VAE learning rate (default: from the preset; paper 1e-3)")
-    p.add_argument("--num-codes", type=int, help="codebook size K (default: from the preset; paper 512)")
-    p.add_argument("--code-dim", type=int, help="code dimension D (default: from the preset; paper 128)")
-    p.add_argument("--gan-epochs", type=int, help="GAN epochs (default: from the preset)")
+    p.add_argument("--seed", type=int, help="seed for weights, shuffling and sampling (default: 0)")
+    p.add_argument("--epochs", type=at_least(1), help="VQ-VAE epochs (default: from the preset; paper 15, quick 20)")
+    p.add_argument("--batch-size", type=at_least(1), help="VQ-VAE batch size (default: from the preset; 32)")
+    p.add_argument("--lr", type=float, help="VQ-VAE learning rate (default: from the preset; paper 1e-3, quick 2e-3)")
+    p.add_argument("--num-codes", type=at_least(2), help="codebook size K (default: from the preset; paper 512)")
+    p.add_argument("--code-dim", type=at_least(1), help="code dimension D (default: from the preset; paper 128)")
+    p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs (default: from the preset; 30)")
     p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "
                    "codebook, or per-position code logits with Gumbel-softmax (default: from the preset)")
-    p.add_argument("--prior-epochs", type=int, help="PixelCNN epochs (default: from the preset)")
-    p.add_argument("--samples", type=int, help="slices to generate for figures and metrics (default: from the preset)")
+    p.add_argument("--prior-epochs", type=at_least(1), help="PixelCNN epochs (default: from the preset; quick 7)")
+    p.add_argument("--samples", type=at_least(2), help="slices to generate for the generation metrics "
+                                                        "(default: from the preset; paper 512, quick 256)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (default: auto = CUDA, or a CPU "
                                                                     "with native bf16)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
@@ -62,16 +64,26 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def build_config(args, device: torch.device) -> Config:
-    name = args.preset or ("paper" if device.type == "cuda" and args.data_dir else "quick")
-    cfg = preset(name)
-    cfg.seed = args.seed
-    cfg.data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    """The preset with the given flags applied; when resuming, the run's own config.json instead of a preset."""
+    saved = args.run_dir / "config.json" if args.resume and args.run_dir else None
+    data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
+    if saved and saved.is_file():
+        cfg = Config.from_dict(json.loads(saved.read_text()))
+        for flag, given, kept in (("--preset", args.preset, cfg.preset), ("--seed", args.seed, cfg.seed),
+                                  ("--data-dir", data_dir, cfg.data_dir)):
+            if given is not None and given != kept:
+                raise RunError(f"{flag} {given}: {args.run_dir} was trained with {kept}; a resumed run keeps it")
+    else:
+        cfg = preset(args.preset or ("paper" if device.type == "cuda" and args.data_dir else "quick"))
+        cfg.seed = args.seed if args.seed is not None else 0
+        cfg.data_dir = data_dir
+        cfg.prior.kind = DEFAULT_PRIOR
     cfg.model = override(cfg.model, num_codes=args.num_codes, code_dim=args.code_dim)
     cfg.train = override(cfg.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
                          compile=args.compile)
     cfg.gan = override(cfg.gan, epochs=args.gan_epochs, head=args.gan_head)
-    kind = args.prior or DEFAULT_PRIOR
-    cfg.prior = override(cfg.prior, epochs=args.prior_epochs, kind="pixelcnn" if kind == "both" else kind)
+    kind = {"both": "pixelcnn", None: cfg.prior.kind}.get(args.prior, args.prior)
+    cfg.prior = override(cfg.prior, epochs=args.prior_epochs, kind=kind)
     if args.samples:
         cfg.n_samples = args.samples
     return cfg
@@ -121,6 +133,8 @@ def run(args) -> dict:
             dist.barrier()
     else:
         data_dir = cfg.data_dir
+    if args.resume:
+        check_checkpoints(run_dir, cfg)  # before config.json is rewritten: a refused resume changes nothing
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         write_json(cfg.to_dict(), run_dir / "config.json")
@@ -156,6 +170,13 @@ def run(args) -> dict:
     write_json(results, run_dir / "metrics.json")
     say(summary_table(results))
     return results
+
+
+def check_checkpoints(run_dir: Path, cfg: Config) -> None:
+    """Refuse, in one line, to resume checkpoints of another architecture than the one requested."""
+    for name, part in (("vqvae_last.pt", "model"), ("gan_last.pt", "gan"), ("pixelcnn_last.pt", "prior")):
+        if (run_dir / name).is_file():
+            check_same_architecture(load_checkpoint(run_dir / name), cfg, run_dir / name, part)
 
 
 def with_kind(cfg: Config, kind: str) -> Config:

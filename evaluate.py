@@ -18,11 +18,12 @@ def evenly(images: torch.Tensor, n: int) -> torch.Tensor:
 
 @torch.no_grad()
 def encode_split(vqvae, images_u8, batch_size: int, device, bf16: bool = False) -> torch.Tensor:
-    """Code-index maps of a whole split, N x h x w int16 on `device` (K <= 32767 keeps them small)."""
+    """Code-index maps of a whole split, N x h x w on `device`: int16 while K allows, to keep them small."""
+    dtype = torch.int16 if vqvae.cfg.num_codes <= torch.iinfo(torch.int16).max else torch.int32
     out = []
     for x in batches(images_u8, batch_size):
         with autocast(device, bf16):
-            out.append(vqvae.encode_indices(x.to(device, non_blocking=True)).to(torch.int16))
+            out.append(vqvae.encode_indices(x.to(device, non_blocking=True)).to(dtype))
     return torch.cat(out)
 
 

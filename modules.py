@@ -118,6 +118,7 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("usage", torch.zeros(num_codes, dtype=torch.long))
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
+        self._ready = False
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each row of flat (M x D), by squared distance in fp32."""
@@ -147,13 +148,16 @@ class VectorQuantizer(nn.Module):
             loss = loss + F.mse_loss(z_q, flat.detach())
         if self.training:
             self._update(flat.detach(), idx, dist_sq)
-        z_q = z_q + (flat - flat.detach())  # straight-through; forward value is exactly the code
+        # Straight-through: the forward value is exactly the code, the decoder's gradient goes to the encoder only.
+        z_q = z_q.detach() + (flat - flat.detach())
         z_q = z_q.view(n, h, w, d).permute(0, 3, 1, 2).to(z_e.dtype)
         return Quantized(z_q, idx.view(n, h, w), loss)
 
     @torch.no_grad()
     def _init_from(self, flat: torch.Tensor) -> None:
-        if bool(self.initialised):
+        # A Python flag mirrors the buffer so that only the first step (or the first after loading) reads it.
+        if self._ready or bool(self.initialised):
+            self._ready = True
             return
         pick = torch.randint(len(flat), (self.num_codes,), device=flat.device)
         codes = _broadcast(flat[pick].clone())
@@ -161,13 +165,14 @@ class VectorQuantizer(nn.Module):
         self.ema_sum.copy_(codes)
         self.ema_count.fill_(1.0)
         self.initialised.fill_(True)
+        self._ready = True
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, idx: torch.Tensor, dist_sq: torch.Tensor) -> None:
         counts = _all_reduce(torch.bincount(idx, minlength=self.num_codes).float())
         self.steps += 1
         self.usage += counts.long()
-        self.last_used.masked_fill_(counts > 0, int(self.steps))
+        self.last_used.copy_(torch.where(counts > 0, self.steps, self.last_used))
         if self.mode == "ema":
             sums = _all_reduce(torch.zeros_like(self.ema_sum).index_add_(0, idx, flat))
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -184,18 +189,18 @@ class VectorQuantizer(nn.Module):
 
         Outputs are drawn in proportion to their distance from the codebook (as k-means++ seeds): uniform
         draws would mostly land on the black background, which already has its codes, and die again.
+        A candidate is drawn for every code and kept only where the code is dead, so that the step needs
+        no host sync to count the dead codes.
         """
-        dead = (self.steps - self.last_used) >= self.dead_after
-        n_dead = int(dead.sum())
-        if n_dead == 0:
-            return
-        weights = dist_sq.clamp_min(0) + 1e-12
-        pick = torch.multinomial(weights, n_dead, replacement=n_dead > len(flat))
+        dead = ((self.steps - self.last_used) >= self.dead_after)[:, None]
+        # nan_to_num: a diverging run must reach the training loop's NaN check, not fail in here.
+        weights = torch.nan_to_num(dist_sq, nan=0.0, posinf=0.0).clamp_min(0) + 1e-12
+        pick = torch.multinomial(weights, self.num_codes, replacement=True)
         fresh = _broadcast(flat[pick].clone())
-        self.codebook.data[dead] = fresh
-        self.ema_sum[dead] = fresh
-        self.ema_count[dead] = 1.0
-        self.last_used[dead] = self.steps
+        self.codebook.data.copy_(torch.where(dead, fresh, self.codebook.data))
+        self.ema_sum.copy_(torch.where(dead, fresh, self.ema_sum))
+        self.ema_count.copy_(torch.where(dead[:, 0], 1.0, self.ema_count))
+        self.last_used.copy_(torch.where(dead[:, 0], self.steps, self.last_used))
 
 
 class VQVAE(nn.Module):

@@ -22,7 +22,8 @@ import metrics
 from config import Config
 from dataset import DataError, ensure_builtin, load_folder, load_split, load_splits, to_float
 from evaluate import decode_indices, encode_split, evaluate_vqvae, evenly, generation_metrics, reconstruct, sample_codes
-from runs import PRIOR_FILES, RunError, find_run, load_checkpoint, load_prior, load_vqvae, pick_device, use_bf16, write_json
+from runs import (PRIOR_FILES, RunError, at_least, find_run, load_checkpoint, load_prior, load_vqvae, pick_device,
+                  use_bf16, write_json)
 
 PRIORS = ("gan", "pixelcnn")
 
@@ -68,11 +69,11 @@ def evaluate_run(run_dir, splits: dict, device, priors=None) -> dict:
         results[f"generation_{kind}"] = generation_metrics(images, idx, real, cfg.model.num_codes)
     if cfg.prior.kind in samples:
         results["generation"] = results[f"generation_{cfg.prior.kind}"]
-    draw_figures(run_dir, vqvae, cfg, splits, samples, device)
+    draw_figures(run_dir, vqvae, cfg, splits, samples, device, real["train"])
     return results
 
 
-def draw_figures(run_dir, vqvae, cfg: Config, splits: dict, samples: dict, device) -> list[Path]:
+def draw_figures(run_dir, vqvae, cfg: Config, splits: dict, samples: dict, device, train_float=None) -> list[Path]:
     """Every figure of a run, from its checkpoints' histories, its models and samples {kind: (slices, index maps)}."""
     out = Path(run_dir) / "figures"
     made = []
@@ -103,7 +104,7 @@ def draw_figures(run_dir, vqvae, cfg: Config, splits: dict, samples: dict, devic
         made.append(figures.save_pipeline(x[len(x) // 2], idx[len(x) // 2], rec[len(x) // 2], sample_idx[0], images[0],
                                           cfg.model.num_codes, out / "pipeline.png",
                                           f"{cfg.preset} preset, {Path(cfg.data_dir).name if cfg.data_dir else 'built-in data'}"))
-    train_float = to_float(splits["train"].images)
+    train_float = to_float(splits["train"].images) if train_float is None else train_float
     for kind, (images, _) in samples.items():
         made.append(figures.save_montage(images[:64], out / f"samples_{kind}.png", f"{min(len(images), 64)} samples, {kind} prior"))
         made.append(figures.save_zoom(images, out / f"samples_{kind}_zoom.png", f"samples, {kind} prior"))
@@ -204,7 +205,7 @@ def parse_args(argv=None):
     c.add_argument("--out", type=Path, required=True, help="output folder")
     c.add_argument("--skip-bad", action="store_true", help="skip undecodable PNGs with a warning")
     c = command("generate", "new slices from the run's prior: PNGs and a grid")
-    c.add_argument("--n", type=int, default=16, help="number of slices (default: 16)")
+    c.add_argument("--n", type=at_least(1), default=16, help="number of slices (default: 16)")
     c.add_argument("--out", type=Path, required=True, help="output folder")
     c.add_argument("--seed", type=int, default=0, help="sampling seed (default: 0)")
     c.add_argument("--prior", choices=PRIORS, help="which prior, for runs trained with --prior both "

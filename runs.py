@@ -8,14 +8,25 @@ alone; checkpoints are written to a temp name and renamed, and read with `weight
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
-import os
 from pathlib import Path
 
 import torch
 
 from config import Config
+from dataset import atomic_write
+
+
+def at_least(low: int):
+    """argparse type: an int no smaller than `low`, refused with a one-line usage error otherwise."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, not {value}")
+        return value
+    return parse
 
 
 class RunError(Exception):
@@ -62,15 +73,15 @@ def seed_everything(seed: int) -> None:
 
 def rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this device only: a run may resume on a machine with fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        torch.cuda.set_rng_state(state["cuda"])
 
 
 # ---------------------------------------------------------------- files
@@ -78,19 +89,11 @@ def set_rng_state(state: dict) -> None:
 def atomic_save(obj, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
 def write_json(obj, path: Path) -> None:
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n")
-    os.replace(tmp, path)
+    atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n"))
 
 
 def load_checkpoint(path: Path) -> dict:
@@ -106,13 +109,16 @@ def load_checkpoint(path: Path) -> dict:
     return ckpt
 
 
-def checkpoint_config(ckpt: dict) -> Config:
-    return Config.from_dict(ckpt["config"])
+def checkpoint_config(ckpt: dict, path="checkpoint") -> Config:
+    try:
+        return Config.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{path}: its config does not fit this version of the code ({e})") from None
 
 
 def check_same_architecture(ckpt: dict, cfg: Config, path: Path, part: str = "model") -> None:
     """Fail in one line when a checkpoint was trained with a different architecture than requested."""
-    saved = Config.from_dict(ckpt["config"]).to_dict()[part]  # fields added since then take their defaults
+    saved = checkpoint_config(ckpt, path).to_dict()[part]  # fields added since then take their defaults
     wanted = cfg.to_dict()[part]
     training_only = {"epochs", "batch_size", "lr", "beta1", "beta2", "temperature", "top_k", "kind"}
     diff = [f"{k}={saved.get(k)!r} (requested {v!r})" for k, v in wanted.items()
@@ -147,7 +153,7 @@ def load_vqvae(run_dir, device="cpu", which: str = "best"):
     if not path.is_file():
         path = run_dir / "vqvae_last.pt"
     ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt)
+    cfg = checkpoint_config(ckpt, path)
     model = VQVAE(cfg.model)
     load_state(model, ckpt["model"], path)
     return model.to(device).eval(), cfg
@@ -165,7 +171,7 @@ def load_prior(run_dir, kind: str, device="cpu"):
     if not path.is_file():
         raise RunError(f"{run_dir}: no {kind} prior in this run ({path.name} missing; did training finish?)")
     ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt)
+    cfg = checkpoint_config(ckpt, path)
     prior = CodeGenerator(cfg.gan, cfg.model) if kind == "gan" else PixelCNN(cfg.prior, cfg.model)
     load_state(prior, ckpt["model"], path)
     return prior.to(device).eval(), cfg

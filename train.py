@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from config import Config
 from dataset import Split, epoch_permutation, to_float
-from evaluate import decode_indices, encode_split, evaluate_vqvae, fixed_noise, sample_gan
+from evaluate import decode_indices, encode_split, evaluate_vqvae, evenly, fixed_noise, sample_gan
 from modules import VQVAE, CodeGenerator, Discriminator, PixelCNN
 from runs import (autocast, check_same_architecture, load_checkpoint, load_state, pick_device, rng_state,
                   seed_everything, set_rng_state, use_bf16, atomic_save)
@@ -85,11 +85,21 @@ def flush_losses(pending: list, names: tuple, step: int, writer, prefix: str, la
     return values.mean(0).tolist()
 
 
-def resume_from(path: Path, cfg: Config, part: str, modules: dict, optimizers: dict) -> dict | None:
-    """Load a `last` checkpoint into modules and optimisers; None when there is none to resume."""
+def fingerprint(vqvae: VQVAE) -> list[float]:
+    """A few numbers that change whenever the codebook does: a prior is only valid for its own VQ-VAE."""
+    codes = vqvae.quantizer.codebook.detach().double().cpu()
+    return [float(codes.sum()), float(codes.abs().sum()), float(codes[::7].pow(2).sum())]
+
+
+def resume_from(path: Path, cfg: Config, part: str, modules: dict, optimizers: dict, vqvae=None) -> dict | None:
+    """Load a `last` checkpoint into modules and optimisers; None when there is none to resume, or when a
+    prior's checkpoint was trained on another VQ-VAE than `vqvae` (it then starts again)."""
     if not path.exists():
         return None
     ckpt = load_checkpoint(path)
+    if vqvae is not None and ckpt["state"].get("vqvae") != fingerprint(vqvae):
+        print(f"{path.name} was trained on another VQ-VAE (it changed since): training this prior again")
+        return None
     check_same_architecture(ckpt, cfg, path, part)
     for key, module in modules.items():
         load_state(module, ckpt[key], path)
@@ -121,7 +131,8 @@ def setup(cfg: Config, device) -> tuple[torch.device, bool]:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    seed_everything(cfg.seed)
+    # Per-rank seeds: GAN noise and restart draws differ between ranks; weights and restarts are broadcast.
+    seed_everything(cfg.seed + dist_info()[0])
     return device, use_bf16(device, cfg.train.amp)
 
 
@@ -148,7 +159,7 @@ def train_vqvae(cfg: Config, data: dict[str, Split], run_dir, device="auto", res
     compile_convs(model, cfg.train.compile)
 
     train_u8, val_u8 = data["train"].images.to(device), data["validate"].images.to(device)
-    shown = val_u8[torch.linspace(0, len(val_u8) - 1, cfg.train.eval_images).long()]
+    shown = evenly(val_u8, cfg.train.eval_images)
     writer = make_writer(run_dir, rank)
     bs = cfg.train.batch_size
     for epoch in range(state["epoch"], cfg.train.epochs):
@@ -256,11 +267,13 @@ def train_gan(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device
     state = {"epoch": 0, "step": 0, "history": {"train": [], "val": []}}
     if resume:
         state = resume_from(last, cfg, "gan", {"model": gen, "discriminator": disc},
-                            {"opt_g": opt_g, "opt_d": opt_d}) or state
+                            {"opt_g": opt_g, "opt_d": opt_d}, vqvae) or state
+    state["vqvae"] = fingerprint(vqvae)
     g_net, d_net = gen, disc
     if world > 1:
-        g_net = torch.nn.parallel.DistributedDataParallel(gen)
-        d_net = torch.nn.parallel.DistributedDataParallel(disc)
+        # D runs twice before one backward: broadcasting BatchNorm buffers in between breaks autograd on CUDA.
+        g_net = torch.nn.parallel.DistributedDataParallel(gen, broadcast_buffers=False)
+        d_net = torch.nn.parallel.DistributedDataParallel(disc, broadcast_buffers=False)
 
     real_idx = encode_split(vqvae, data["train"].images, 256, device, bf16)
     val_idx = encode_split(vqvae, data["validate"].images, 256, device, bf16)
@@ -341,7 +354,6 @@ def log_samples(writer, prefix: str, vqvae, idx: torch.Tensor, val: dict, step: 
 # ---------------------------------------------------------------- PixelCNN prior over code maps
 
 
-
 @torch.no_grad()
 def bits_per_code(prior, idx: torch.Tensor, batch_size: int, device, bf16: bool) -> float:
     """Mean negative log-likelihood of whole index maps, in bits per code."""
@@ -373,7 +385,8 @@ def train_prior(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, devi
     opt = adam(prior.parameters(), p_cfg.lr, device)
     state = {"epoch": 0, "step": 0, "history": {"train": [], "val": []}}
     if resume:
-        state = resume_from(last, cfg, "prior", {"model": prior}, {"optimizer": opt}) or state
+        state = resume_from(last, cfg, "prior", {"model": prior}, {"optimizer": opt}, vqvae) or state
+    state["vqvae"] = fingerprint(vqvae)
     net = prior
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(prior)

@@ -15,9 +15,9 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("OASIS_VQVAE_CACHE", str(tmp_path / "cache"))
 
 
-def write_png(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
+def write_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array, mode=mode).save(path) if mode else Image.fromarray(array).save(path)
+    Image.fromarray(array).save(path)
     return path
 
 

@@ -1,6 +1,5 @@
 """driver.py end to end on a tiny generated set, then every predict.py subcommand and their bad inputs."""
 import json
-import os
 
 import numpy as np
 import pytest
@@ -17,8 +16,13 @@ REQUIRED = ["test.ssim", "test.psnr", "test.codebook_usage", "test.perplexity", 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("e2e")
-    os.environ["OASIS_VQVAE_CACHE"] = str(root / "cache")
+    with pytest.MonkeyPatch.context() as mp:
+        root = tmp_path_factory.mktemp("e2e")
+        mp.setenv("OASIS_VQVAE_CACHE", str(root / "cache"))
+        yield make_run(root)
+
+
+def make_run(root):
     data = root / "data"
     write_synthetic_dataset(data, cases=(3, 1, 1), size=32, progress=False)
     run_dir = root / "run"
@@ -143,3 +147,22 @@ def test_evaluate_folder_of_other_sized_pngs(run, tmp_path):
     for i in range(3):
         write_png(tmp_path / "imgs" / f"x{i}.png", np.full((50, 50), 60 * i, np.uint8))
     assert predict.main(["evaluate", "--run", str(run_dir), "--images", str(tmp_path / "imgs"), "--device", "cpu"]) == 0
+
+
+def test_resume_takes_the_runs_own_config(run, capsys):
+    run_dir, data = run
+    # No --data-dir or --preset: a resumed run continues with what it was trained on.
+    assert driver.main(["--resume", "--run-dir", str(run_dir), "--device", "cpu", "--prior", "both"]) == 0
+    assert "different architecture" not in capsys.readouterr().err
+    for flags, word in ((["--seed", "5"], "--seed"), (["--preset", "quick"], "--preset"),
+                        (["--data-dir", str(run_dir)], "--data-dir")):
+        assert driver.main(["--resume", "--run-dir", str(run_dir), "--device", "cpu", *flags]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and word in err[0] and "keeps it" in err[0]
+
+
+@pytest.mark.parametrize("argv", [["--samples", "1"], ["--epochs", "0"], ["--batch-size", "-3"]])
+def test_driver_rejects_impossible_numbers(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        driver.parse_args(argv)
+    assert exit_.value.code == 2 and "must be at least" in capsys.readouterr().err

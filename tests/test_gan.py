@@ -74,3 +74,15 @@ def test_discriminator_and_generator_sizes_follow_any_grid():
         assert Discriminator(cfg.gan, grid, model_cfg.code_dim)(maps).shape == (2,)
     with pytest.raises(ValueError):
         CodeGenerator(cfg.gan, dataclasses.replace(cfg.model, image_size=24 * 4))
+
+
+def test_prior_checkpoint_of_another_vqvae_is_not_resumed(trained, tmp_path):
+    vqvae, data = trained
+    cfg = tiny()
+    train_gan(cfg, vqvae, data, tmp_path, "cpu")
+    other = VQVAE(cfg.model)
+    other.quantizer.codebook.add_(1.0)  # a VQ-VAE whose codebook changed since
+    _, history = train_gan(cfg, other.eval(), data, tmp_path, "cpu", resume=True)
+    assert [v["epoch"] for v in history["val"]] == [1, 2]  # trained again, not skipped as finished
+    _, history = train_gan(cfg, other.eval(), data, tmp_path, "cpu", resume=True)
+    assert [v["epoch"] for v in history["val"]] == [1, 2]  # now its own: nothing left to do

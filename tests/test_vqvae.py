@@ -174,3 +174,12 @@ def test_tensorboard_holds_scalars_and_images(data, tmp_path):
     assert len(events.Scalars("vqvae/loss")) == 8  # one per step
     assert {"val/originals_over_reconstructions", "val/code_indices"} <= set(tags["images"])
     assert "val/code_use" in tags["histograms"]
+
+
+def test_loss_mode_codebook_learns_from_its_loss_only():
+    q = quantizer(k=4, d=2, mode="loss")
+    q.train()
+    z = torch.randn(1, 2, 4, 4, requires_grad=True)
+    q(z).z_q.sum().backward()  # the decoder's gradient: straight through to the encoder, not into the codes
+    assert z.grad is not None
+    assert q.codebook.grad is None or not q.codebook.grad.any()

@@ -185,13 +185,13 @@ def flush(pending: list) -> None:
 
 def train_batches(images_u8: torch.Tensor, batch_size: int, seed: int, device, first_epoch: int = 0):
     """Training batches exactly as train_vqvae makes them, epoch after epoch."""
-    from train import batch_slices, rank_order
+    from train import batch_slices, rank_order, training_batch
 
     epoch = first_epoch
     while True:
         order = rank_order(len(images_u8), seed, epoch, device)
         for sl in batch_slices(len(order), batch_size):
-            yield to_float(images_u8[order[sl]]).contiguous(memory_format=torch.channels_last)
+            yield training_batch(images_u8, order[sl])
         epoch += 1
 
 

@@ -40,9 +40,6 @@ class Split:
     def __len__(self) -> int:
         return len(self.names)
 
-    def to(self, device) -> "Split":
-        return Split(self.images.to(device), self.names, self.folder)
-
 
 # ---------------------------------------------------------------- finding files
 

@@ -171,7 +171,7 @@ def train_vqvae(cfg: Config, data: dict[str, Split], run_dir, device="auto", res
                    leave=False, dynamic_ncols=True)
         for i, sl in enumerate(bar):
             set_lr(opt, cfg.train.lr, cfg.train.lr_schedule, state["step"], len(steps) * cfg.train.epochs)
-            x = to_float(train_u8[order[sl]]).contiguous(memory_format=torch.channels_last)
+            x = training_batch(train_u8, order[sl])
             pending.append(vqvae_step(net, opt, x, device, bf16))
             state["step"] += 1
             if len(pending) == cfg.train.log_every or i == len(steps) - 1:
@@ -206,6 +206,11 @@ def compile_convs(model: VQVAE, backend: str) -> None:
     if backend != "off":
         model.encoder.compile(backend=backend)
         model.decoder.compile(backend=backend)
+
+
+def training_batch(images_u8: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """The float, channels_last batch that `vqvae_step` takes (bench.py builds its batches here too)."""
+    return to_float(images_u8[idx]).contiguous(memory_format=torch.channels_last)
 
 
 def vqvae_step(net, opt, x: torch.Tensor, device, bf16: bool) -> torch.Tensor:

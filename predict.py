@@ -31,6 +31,8 @@ PRIORS = ("gan", "pixelcnn")
 # ---------------------------------------------------------------- library: used by driver.py too
 
 def run_config(run_dir) -> Config:
+    """The run's current settings (prior kind, samples, seed): config.json, which a resume may have updated
+    since the VQ-VAE checkpoint was written."""
     path = find_run(run_dir) / "config.json"
     if not path.is_file():
         return load_vqvae(run_dir)[1]
@@ -62,13 +64,14 @@ def evaluate_run(run_dir, splits: dict, device, priors=None) -> dict:
                "validate": evaluate_vqvae(vqvae, splits["validate"].images, 64, device, bf16)}
     real = {s: to_float(splits[s].images) for s in ("train", "validate", "test")}
     real["test_idx"] = encode_split(vqvae, splits["test"].images, 64, device, bf16)
+    run_cfg = run_config(run_dir)
     samples = {}
     for kind in priors or trained_priors(run_dir):
-        images, idx = generate(run_dir, vqvae, kind, cfg.n_samples, cfg.seed, device)
+        images, idx = generate(run_dir, vqvae, kind, run_cfg.n_samples, run_cfg.seed, device)
         samples[kind] = (images, idx)
         results[f"generation_{kind}"] = generation_metrics(images, idx, real, cfg.model.num_codes)
-    if cfg.prior.kind in samples:
-        results["generation"] = results[f"generation_{cfg.prior.kind}"]
+    if run_cfg.prior.kind in samples:
+        results["generation"] = results[f"generation_{run_cfg.prior.kind}"]
     draw_figures(run_dir, vqvae, cfg, splits, samples, device, real["train"])
     return results
 
@@ -162,8 +165,8 @@ def cmd_reconstruct(args, device) -> None:
 
 
 def cmd_generate(args, device) -> None:
-    vqvae, cfg = load_vqvae(args.run, device)
-    kind = args.prior or cfg.prior.kind
+    vqvae, _ = load_vqvae(args.run, device)
+    kind = args.prior or run_config(args.run).prior.kind
     if kind not in trained_priors(args.run):
         raise RunError(f"{args.run}: no {kind} prior trained in this run (trained: {', '.join(trained_priors(args.run)) or 'none'})")
     images, _ = generate(args.run, vqvae, kind, args.n, args.seed, device)
@@ -178,7 +181,9 @@ def cmd_generate(args, device) -> None:
 def cmd_figures(args, device) -> None:
     vqvae, cfg = load_vqvae(args.run, device)
     splits = load_splits(run_data_dir(cfg), cfg.model.image_size)
-    samples = {k: generate(args.run, vqvae, k, cfg.n_samples, cfg.seed, device) for k in trained_priors(args.run)}
+    run_cfg = run_config(args.run)
+    samples = {k: generate(args.run, vqvae, k, run_cfg.n_samples, run_cfg.seed, device)
+               for k in trained_priors(args.run)}
     for path in draw_figures(args.run, vqvae, cfg, splits, samples, device):
         print(path)
 

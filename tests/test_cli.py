@@ -166,3 +166,15 @@ def test_driver_rejects_impossible_numbers(argv, capsys):
     with pytest.raises(SystemExit) as exit_:
         driver.parse_args(argv)
     assert exit_.value.code == 2 and "must be at least" in capsys.readouterr().err
+
+
+def test_resumed_prior_choice_is_the_runs_generation(tmp_path):
+    # Trained with the GAN, then resumed with both priors: config.json now names the PixelCNN, and
+    # metrics.json's `generation` must follow it rather than the VQ-VAE checkpoint's older config.
+    data = tmp_path / "data"
+    write_synthetic_dataset(data, cases=(2, 1, 1), size=32, progress=False)
+    base = ["--data-dir", str(data), "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--device", "cpu"]
+    assert driver.main(base) == 0
+    assert driver.main(base + ["--resume", "--prior", "both"]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["generation"] == m["generation_pixelcnn"] != m["generation_gan"]

@@ -22,8 +22,8 @@ import metrics
 from config import Config
 from dataset import DataError, ensure_builtin, load_folder, load_split, load_splits, to_float
 from evaluate import decode_indices, encode_split, evaluate_vqvae, evenly, generation_metrics, reconstruct, sample_codes
-from runs import (PRIOR_FILES, RunError, at_least, find_run, load_checkpoint, load_prior, load_vqvae, pick_device,
-                  use_bf16, write_json)
+from runs import (PRIOR_FILES, RunError, at_least, find_run, keep_freed_host_memory, load_checkpoint, load_prior,
+                  load_vqvae, pick_device, use_bf16, write_json)
 
 PRIORS = ("gan", "pixelcnn")
 
@@ -223,6 +223,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         device = pick_device(args.device)
+        if device.type == "cpu":
+            keep_freed_host_memory()
         {"evaluate": cmd_evaluate, "reconstruct": cmd_reconstruct, "generate": cmd_generate,
          "figures": cmd_figures}[args.command](args, device)
     except (DataError, RunError) as e:

@@ -18,11 +18,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from config import Config
-from dataset import Split, epoch_permutation, to_float
+from dataset import Split, epoch_permutation, gather, to_float
 from evaluate import decode_indices, encode_split, evaluate_vqvae, evenly, fixed_noise, sample_gan
 from modules import VQVAE, CodeGenerator, Discriminator, PixelCNN
-from runs import (autocast, check_same_architecture, load_checkpoint, load_state, pick_device, rng_state,
-                  seed_everything, set_rng_state, use_bf16, atomic_save)
+from runs import (atomic_save, autocast, check_same_architecture, keep_freed_host_memory, load_checkpoint, load_state,
+                  pick_device, rng_state, seed_everything, set_rng_state, use_bf16)
 
 
 SHOWN = 64  # samples drawn after each epoch for TensorBoard and per-epoch code statistics
@@ -131,6 +131,8 @@ def setup(cfg: Config, device) -> tuple[torch.device, bool]:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    else:
+        keep_freed_host_memory()
     # Per-rank seeds: GAN noise and restart draws differ between ranks; weights and restarts are broadcast.
     seed_everything(cfg.seed + dist_info()[0])
     return device, use_bf16(device, cfg.train.amp)
@@ -210,7 +212,7 @@ def compile_convs(model: VQVAE, backend: str) -> None:
 
 def training_batch(images_u8: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """The float, channels_last batch that `vqvae_step` takes (bench.py builds its batches here too)."""
-    return to_float(images_u8[idx]).contiguous(memory_format=torch.channels_last)
+    return to_float(gather(images_u8, idx)).contiguous(memory_format=torch.channels_last)
 
 
 def vqvae_step(net, opt, x: torch.Tensor, device, bf16: bool) -> torch.Tensor:

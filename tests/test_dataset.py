@@ -137,6 +137,13 @@ def test_batches_shapes_ranges_and_order():
     assert [len(b) for b in batches(images, 4, drop_last=True)] == [4, 4]
 
 
+def test_to_float_and_gather_match_the_plain_expressions():
+    every_value = torch.arange(256, dtype=torch.uint8).view(4, 1, 8, 8)
+    assert torch.equal(dataset.to_float(every_value), every_value * (1.0 / 255.0))
+    idx = torch.tensor([3, 0, 3, 1])
+    assert torch.equal(dataset.gather(every_value, idx), every_value[idx])
+
+
 def test_split_cases():
     assert dataset.split_cases(52) == (40, 6, 6)
     assert sum(dataset.split_cases(10)) == 10

@@ -1,0 +1,36 @@
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Page faults of a 64 MB CPU tensor (16,384 pages) made after three others were made and freed: glibc maps
+# blocks this large afresh every time by default.
+PROBE = """
+import resource, sys, torch
+from runs import keep_freed_host_memory
+took = keep_freed_host_memory() if sys.argv[1] == "keep" else None
+for _ in range(3):
+    torch.ones(2**24)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.ones(2**24)
+print(took, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def faults_on_reuse(mode: str) -> tuple[str, int]:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], cwd=ROOT, capture_output=True, text=True,
+                         check=True).stdout.split()
+    return out[0], int(out[1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc")
+def test_keep_freed_host_memory_reuses_large_blocks_without_page_faults():
+    took, kept = faults_on_reuse("keep")
+    if took != "True":
+        pytest.skip("malloc here is not glibc's")
+    _, default = faults_on_reuse("default")
+    assert default > 4000, "the default allocator should fault on every page of a fresh 64 MB block"
+    assert kept < 1000

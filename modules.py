@@ -34,6 +34,22 @@ def residual_stack(channels: int, hidden: int, n: int) -> nn.Sequential:
     return nn.Sequential(*[ResidualBlock(channels, hidden) for _ in range(n)], nn.ReLU())
 
 
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d with its bias added after the convolution on CPU. Same parameters and state-dict keys.
+
+    PyTorch's CPU (oneDNN) transposed-convolution backward takes longer over the bias gradient than over the
+    convolution itself: the paper decoder's 128 -> 64 layer (batch 32, bf16) measured 229 ms forward + backward
+    with the bias inside and 136 ms with it outside. On CUDA the fused bias is the fast one.
+    """
+
+    def forward(self, x, output_size=None):
+        if x.is_cuda or self.bias is None or output_size is not None:
+            return super().forward(x, output_size)
+        y = F.conv_transpose2d(x, self.weight, None, self.stride, self.padding, self.output_padding, self.groups,
+                               self.dilation)
+        return y + self.bias.to(y.dtype)[:, None, None]
+
+
 def stage_widths(cfg: ModelConfig) -> list[int]:
     """Channels after each downsampling: (64, 128) for the paper's hidden=128 with two of them."""
     return [max(cfg.hidden // 2 ** (cfg.downsamples - 1 - i), 8) for i in range(cfg.downsamples)]
@@ -63,9 +79,9 @@ class Decoder(nn.Module):
                   residual_stack(cfg.hidden, cfg.res_hidden, cfg.n_res)]
         c_in = cfg.hidden
         for c in widths[1:]:
-            layers += [nn.ConvTranspose2d(c_in, c, 4, stride=2, padding=1), nn.ReLU()]
+            layers += [ConvTranspose2d(c_in, c, 4, stride=2, padding=1), nn.ReLU()]
             c_in = c
-        layers.append(nn.ConvTranspose2d(c_in, 1, 4, stride=2, padding=1))
+        layers.append(ConvTranspose2d(c_in, 1, 4, stride=2, padding=1))
         self.net = nn.Sequential(*layers)
 
     def forward(self, z):
@@ -251,7 +267,7 @@ class Generator(nn.Module):
             c = c_out
         # No tanh: snapped outputs must be able to reach every code, whatever the codebook's range.
         if _upsamplings(latent_size):
-            layers.append(nn.ConvTranspose2d(c, out_channels, 4, 2, 1))
+            layers.append(ConvTranspose2d(c, out_channels, 4, 2, 1))
         else:
             layers.append(nn.Conv2d(c, out_channels, 3, 1, 1))
         self.net = nn.Sequential(*layers)

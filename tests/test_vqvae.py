@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from config import preset
 from dataset import Split
-from modules import VQVAE, VectorQuantizer
+from modules import VQVAE, ConvTranspose2d, VectorQuantizer
 from runs import RunError, load_vqvae
 from train import TrainingDiverged, train_vqvae
 
@@ -32,6 +32,21 @@ def test_forward_returns_exact_codes_and_straight_through_gradient():
     assert torch.allclose(out.z_q, q.lookup(out.indices))
     out.z_q.sum().backward()
     assert torch.allclose(z.grad, torch.ones_like(z))  # identity gradient to the encoder side
+
+
+def test_conv_transpose_with_bias_outside_matches_torch():
+    torch.manual_seed(0)
+    ours, ref = ConvTranspose2d(6, 3, 4, stride=2, padding=1), torch.nn.ConvTranspose2d(6, 3, 4, stride=2, padding=1)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(2, 6, 5, 5).contiguous(memory_format=torch.channels_last)
+    out, want = ours(x), ref(x)
+    assert torch.allclose(out, want, atol=1e-6)
+    out.square().sum().backward()
+    want.square().sum().backward()
+    for a, b in zip(ours.parameters(), ref.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ours(x).dtype == torch.bfloat16  # the fp32 bias must not promote bf16 activations
 
 
 def test_gradient_reaches_encoder():

@@ -14,7 +14,8 @@ Per device and preset, in images/s unless said:
               runs.use_bf16 says so, channels_last, fused Adam, EMA codebook, no host sync).
               Baseline: the same Encoder and Decoder in fp32, contiguous, with the report's dense one-hot
               quantizer (one_hot(argmin) @ codebook, codebook + commitment loss), plain Adam, loss.item() per
-              step, and PyTorch's default backend flags (on CUDA: no cudnn.benchmark, no TF32 matmuls).
+              step, run in a fresh process so that it keeps PyTorch's defaults (on CUDA: no cudnn.benchmark,
+              no TF32 matmuls; on CPU: glibc's malloc as it comes, see runs.keep_freed_host_memory).
   gan         one GAN step as in train.train_gan (D step + G step, snap head), in code maps/s; timed over
               --baseline-steps steps, since each is several VQ-VAE steps' work on the paper preset.
   end to end  data + step over a fixed number of batches, which is what an epoch runs at. Ours: batches of the
@@ -34,10 +35,12 @@ exceeds the core count; two-thread CPU ops then stall on descheduled threads): q
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import gc
 import json
 import math
+import multiprocessing
 import os
 import resource
 import sys
@@ -415,9 +418,11 @@ def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # ---- baseline, the report's way, with PyTorch's default backend flags (no cudnn.benchmark, no TF32 matmuls)
-    with torch_defaults(device):
-        _baseline(out, cfg, device, train_folder, baseline_steps, baseline_items)
+    # ---- baseline, the report's way, in a fresh process: none of our settings (backend flags, the allocator's
+    # keep_freed_host_memory) may leak into it
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        out.update(pool.submit(baseline, cfg, device, train_folder, baseline_steps, baseline_items).result())
 
     # ratios and FLOP rates
     out["data_ratio"] = out["data_img_s"] / out["baseline_data_img_s"]
@@ -433,21 +438,9 @@ def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int
     return out
 
 
-@contextlib.contextmanager
-def torch_defaults(device: torch.device):
-    """PyTorch's default backend flags for the block (train.setup turns on cudnn.benchmark and TF32 on CUDA)."""
-    if device.type != "cuda":
-        yield
-        return
-    saved = torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = False, False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark, torch.backends.cuda.matmul.allow_tf32 = saved
-
-
-def _baseline(out: dict, cfg: config.Config, device, train_folder, baseline_steps: int, baseline_items: int):
+def baseline(cfg: config.Config, device, train_folder, baseline_steps: int, baseline_items: int) -> dict:
+    """The baseline's data, step and end-to-end figures, as bench_preset's baseline_* keys."""
+    out = {}
     bs, size = cfg.train.batch_size, cfg.model.image_size
     loader = baseline_loader(train_folder, size, bs, cfg.seed)
     loader.dataset[0]  # imports and first-call costs out of the timing
@@ -481,8 +474,7 @@ def _baseline(out: dict, cfg: config.Config, device, train_folder, baseline_step
     out["baseline_step_img_s"] = baseline_steps * bs / step_time
     out["baseline_end_to_end_img_s"] = baseline_steps * bs / total
     out["baseline_peak_mem_mb"] = base_mem.mb
-    del base, base_opt
-    gc.collect()
+    return out
 
 
 def _cycle(loader):

@@ -157,7 +157,8 @@ class VectorQuantizer(nn.Module):
         flat = z_e.permute(0, 2, 3, 1).reshape(-1, d).float()
         if self.training:
             self._init_from(flat)
-        dist_sq, idx = self.nearest_with_distance(flat)
+        with torch.no_grad():  # the indices need no gradient, and autograd need not keep the M x K matrix's inputs
+            dist_sq, idx = self.nearest_with_distance(flat)
         z_q = self.codebook[idx].float()
         loss = self.beta * F.mse_loss(flat, z_q.detach())
         if self.mode == "loss":

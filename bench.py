@@ -68,7 +68,7 @@ REQUIRED_KEYS = ("device", "preset", "data_img_s", "baseline_data_img_s", "data_
 CUDA_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0),
                     ("H200", 989.0), ("A100", 312.0), ("L40S", 362.0), ("L40", 181.0), ("L4", 121.0))
 
-DEFAULT_STEPS = {"cpu": {"paper": 5, "quick": 10}, "cuda": {}}   # timed steps of our VQ-VAE step
+DEFAULT_STEPS = {"cpu": {"paper": 8, "quick": 20}, "cuda": {}}   # timed steps of our VQ-VAE step
 DEFAULT_STEPS_OTHER = {"cpu": 6, "cuda": 30}
 
 
@@ -538,7 +538,7 @@ def main(argv=None) -> int:
                    help="OASIS folder holding keras_png_slices_train (default: a temporary synthetic set)")
     p.add_argument("--cache-dir", help="where the decoded split is cached (default: a temporary folder)")
     p.add_argument("--steps", type=int, help="timed steps of our VQ-VAE step and of each end-to-end run "
-                   "(default: 5 for paper and 10 for quick on CPU, 30 on CUDA)")
+                   "(default: 8 for paper and 20 for quick on CPU, 30 on CUDA)")
     p.add_argument("--baseline-steps", type=int,
                    help="timed steps of the baseline and of our GAN step (default: half of --steps, at least 2)")
     p.add_argument("--baseline-items", type=int, default=200, help="images the baseline loader decodes (default: 200)")

@@ -210,11 +210,14 @@ def kernel_inception_distance(feat_a, feat_b, subsets: int = 50, subset_size: in
     """KID: unbiased MMD^2 with the polynomial kernel ``k(x, y) = (x.y / d + 1)^3``
     (d = feature dimension), estimated on ``subsets`` random subsets of ``subset_size``
     rows drawn without replacement from each set (default ``min(1000, len(a), len(b))``;
-    numpy ``default_rng(seed)``). Returns (mean, std) over the subsets."""
+    numpy ``default_rng(seed)``). Returns (mean, std) over the subsets; the std is NaN when every subset
+    would be the whole of both sets (the estimate uses all pairs, so it would be one value repeated)."""
     a, b = _np_feats(feat_a), _np_feats(feat_b)
     m = min(subset_size or 1000, len(a), len(b))
     if m < 2:
         raise ValueError("need at least 2 samples per set")
+    if m == len(a) == len(b):
+        subsets = 1
     d = a.shape[1]
     rng = np.random.default_rng(seed)
     vals = []
@@ -228,7 +231,7 @@ def kernel_inception_distance(feat_a, feat_b, subsets: int = 50, subset_size: in
             - 2.0 * kxy.mean()
         vals.append(mmd)
     vals = np.array(vals)
-    return float(vals.mean()), float(vals.std())
+    return float(vals.mean()), float(vals.std()) if len(vals) > 1 else float("nan")
 
 
 _MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)

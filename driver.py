@@ -3,7 +3,7 @@
     python driver.py                                    # built-in synthetic slices, quick preset, CPU is fine
     python driver.py --data-dir ~/keras_png_slices_data # OASIS; on CUDA the paper preset is the default
     python driver.py --data-dir DIR --preset quick --run-dir runs/real --prior both
-    torchrun --nproc_per_node=4 driver.py --data-dir DIR   # DistributedDataParallel, one run folder
+    torchrun --standalone --nproc_per_node=4 driver.py --data-dir DIR   # DistributedDataParallel, one run folder
 
 Writes runs/<name>/: config.json, checkpoints, metrics.json, TensorBoard events (tensorboard --logdir runs)
 and figures/. --resume continues a stopped run from its last checkpoints.

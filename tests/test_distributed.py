@@ -15,10 +15,11 @@ from synthetic import write_synthetic_dataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _train_rank(rank: int, world: int, port: int, data_dir: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OASIS_VQVAE_CACHE=f"{out}/cache{rank}")
+def _train_rank(rank: int, world: int, data_dir: str, out: str) -> None:
+    os.environ.update(OASIS_VQVAE_CACHE=f"{out}/cache{rank}")
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # A file rendezvous: no port to pick, so no race with other processes for one.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
     from config import preset
     from dataset import load_splits
     from train import train_vqvae
@@ -36,15 +37,8 @@ def data(tmp_path_factory):
     return root
 
 
-def free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_codebooks_identical_on_both_ranks(data):
-    mp.spawn(_train_rank, args=(2, free_port(), str(data / "data"), str(data)), nprocs=2, join=True)
+    mp.spawn(_train_rank, args=(2, str(data / "data"), str(data)), nprocs=2, join=True)
     a, b = (torch.load(data / f"rank{r}.pt", weights_only=True) for r in (0, 1))
     assert torch.equal(a["codebook"], b["codebook"])
     for k in a["decoder"]:
@@ -54,7 +48,7 @@ def test_codebooks_identical_on_both_ranks(data):
 
 def test_torchrun_driver_writes_one_run_folder(data, tmp_path):
     env = dict(os.environ, OASIS_VQVAE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "driver.py"), "--data-dir", str(data / "data"), "--preset", "tiny", "--device", "cpu",
            "--run-dir", str(tmp_path / "run")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)

@@ -71,12 +71,21 @@ def batch_slices(n: int, batch_size: int):
 
 
 def flush_losses(pending: list, names: tuple, step: int, writer, prefix: str, last_good: Path) -> list[float]:
-    """One host sync for `len(pending)` steps: write each step's losses, stop on NaN/inf."""
-    values = torch.stack(pending).float().cpu()
-    if not torch.isfinite(values).all():
+    """One host sync for `len(pending)` steps: write each step's losses, stop on NaN/inf.
+
+    Under torch.distributed every rank stops together: a rank that stopped alone would leave the others
+    waiting for it in their next all-reduce.
+    """
+    values = torch.stack(pending).float()
+    finite = torch.isfinite(values).all().float()
+    if dist_info()[1] > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    values = values.cpu()
+    if not finite.item():
         where = last_good if last_good.exists() else "none yet"
-        raise TrainingDiverged(f"{prefix} loss became {values[~torch.isfinite(values)][0].item()} near step {step}; "
-                               f"last good checkpoint: {where}")
+        bad = values[~torch.isfinite(values)]
+        what = f"became {bad[0].item()}" if len(bad) else "became non-finite on another rank"
+        raise TrainingDiverged(f"{prefix} loss {what} near step {step}; last good checkpoint: {where}")
     first = step - len(values) + 1
     for i, row in enumerate(values.tolist()):
         for name, v in zip(names, row):

@@ -30,6 +30,24 @@ def _train_rank(rank: int, world: int, data_dir: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+def _flush_with_nan_on_rank_1(rank: int, world: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    from train import NullWriter, TrainingDiverged, flush_losses
+
+    pending = [torch.tensor([1.0]), torch.tensor([float("nan") if rank == 1 else 2.0])]
+    try:
+        flush_losses(pending, ("loss",), 2, NullWriter(), "vqvae", Path(out) / "missing.pt")
+    except TrainingDiverged as e:
+        Path(f"{out}/rank{rank}.txt").write_text(str(e))
+    dist.destroy_process_group()
+
+
+def test_nan_on_one_rank_stops_every_rank(tmp_path):
+    mp.spawn(_flush_with_nan_on_rank_1, args=(2, str(tmp_path)), nprocs=2, join=True)
+    assert "another rank" in (tmp_path / "rank0.txt").read_text()
+    assert "nan" in (tmp_path / "rank1.txt").read_text()
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("ddp")

@@ -12,8 +12,8 @@ Per device and preset, in images/s unless said:
               num_workers=0.
   step        one VQ-VAE training step. Ours: train.train_vqvae's step, line for line (bf16 autocast where
               runs.use_bf16 says so, channels_last, fused Adam, EMA codebook, no host sync).
-              Baseline: the same Encoder and Decoder in fp32, contiguous, with the report's dense one-hot
-              quantizer (one_hot(argmin) @ codebook, codebook + commitment loss), plain Adam, loss.item() per
+              Baseline: the same Encoder and Decoder (torch's own ConvTranspose2d, as in the report) in fp32,
+              contiguous, with the report's dense one-hot quantizer (one_hot(argmin) @ codebook, codebook + commitment loss), plain Adam, loss.item() per
               step, run in a fresh process so that it keeps PyTorch's defaults (on CUDA: no cudnn.benchmark,
               no TF32 matmuls; on CPU: glibc's malloc as it comes, see runs.keep_freed_host_memory).
   gan         one GAN step as in train.train_gan (D step + G step, snap head), in code maps/s; timed over
@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import contextlib
-import ctypes
 import gc
 import json
 import math
@@ -57,8 +56,8 @@ from torch import nn
 import config
 from dataset import (DataError, batches, epoch_permutation, find_root, list_pngs, load_folder, split_folder_name,
                      to_float)
-from modules import VQVAE, CodeGenerator, Decoder, Discriminator, Encoder, Quantized
-from runs import RunError, autocast, pick_device, use_bf16
+from modules import VQVAE, CodeGenerator, ConvTranspose2d, Decoder, Discriminator, Encoder, Quantized
+from runs import RunError, autocast, pick_device, release_freed_host_memory, use_bf16
 
 REQUIRED_KEYS = ("device", "preset", "data_img_s", "baseline_data_img_s", "data_ratio", "step_img_s",
                  "end_to_end_img_s", "baseline_end_to_end_img_s", "end_to_end_ratio", "peak_mem_mb",
@@ -157,13 +156,17 @@ class OneHotQuantizer(nn.Module):
 
 
 class BaselineVQVAE(nn.Module):
-    """The project's Encoder and Decoder around the report's one-hot quantizer."""
+    """The project's Encoder and Decoder around the report's one-hot quantizer, with torch's own layers."""
 
     def __init__(self, cfg: config.ModelConfig):
         super().__init__()
         self.encoder = Encoder(cfg)
         self.quantizer = OneHotQuantizer(cfg.num_codes, cfg.code_dim, cfg.beta)
         self.decoder = Decoder(cfg)
+        for layer in self.decoder.modules():
+            if isinstance(layer, ConvTranspose2d):
+                # Ours only moves the bias out of the convolution on CPU (no state of its own): undo that.
+                layer.__class__ = nn.ConvTranspose2d
 
     def forward(self, x: torch.Tensor):
         q = self.quantizer(self.encoder(x))
@@ -217,9 +220,7 @@ class PeakMemory:
             sync(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
-            # Hand back what runs.keep_freed_host_memory kept from earlier phases, so that the peak is this block's.
-            with contextlib.suppress(OSError, AttributeError):
-                ctypes.CDLL(None).malloc_trim(0)
+            release_freed_host_memory()  # what earlier phases kept is not this block's peak
             try:
                 Path("/proc/self/clear_refs").write_text("5")   # resets VmHWM (Linux >= 4.0)
                 self.reset = True
@@ -419,6 +420,7 @@ def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int
     out["gan_steps"] = gan_steps
     del model, net, opt, vqvae, gen, disc, opt_g, opt_d, source, x, train_u8, real_idx
     gc.collect()
+    release_freed_host_memory()  # the baseline's process should not have to share the machine with our peak
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -230,7 +230,8 @@ def to_float(images_u8: torch.Tensor) -> torch.Tensor:
 
 
 def gather(images_u8: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """images_u8[idx] for a 1-D index tensor: index_select copies whole slices, 7x faster on CPU than indexing."""
+    """images_u8[idx] for a 1-D integer index on the same device: index_select copies whole slices, 7x faster
+    on CPU than indexing."""
     return images_u8.index_select(0, idx)
 
 

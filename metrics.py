@@ -206,17 +206,18 @@ def frechet_distance(feat_a, feat_b) -> float:
 
 
 def kernel_inception_distance(feat_a, feat_b, subsets: int = 50, subset_size: int | None = None,
-                              seed: int = 0) -> tuple[float, float]:
+                              seed: int = 0) -> tuple[float, float | None]:
     """KID: unbiased MMD^2 with the polynomial kernel ``k(x, y) = (x.y / d + 1)^3``
     (d = feature dimension), estimated on ``subsets`` random subsets of ``subset_size``
     rows drawn without replacement from each set (default ``min(1000, len(a), len(b))``;
-    numpy ``default_rng(seed)``). Returns (mean, std) over the subsets; the std is NaN when every subset
+    numpy ``default_rng(seed)``). Returns (mean, std) over the subsets; the std is None when every subset
     would be the whole of both sets (the estimate uses all pairs, so it would be one value repeated)."""
     a, b = _np_feats(feat_a), _np_feats(feat_b)
     m = min(subset_size or 1000, len(a), len(b))
     if m < 2:
         raise ValueError("need at least 2 samples per set")
-    if m == len(a) == len(b):
+    whole = m == len(a) == len(b)
+    if whole:
         subsets = 1
     d = a.shape[1]
     rng = np.random.default_rng(seed)
@@ -231,7 +232,7 @@ def kernel_inception_distance(feat_a, feat_b, subsets: int = 50, subset_size: in
             - 2.0 * kxy.mean()
         vals.append(mmd)
     vals = np.array(vals)
-    return float(vals.mean()), float(vals.std()) if len(vals) > 1 else float("nan")
+    return float(vals.mean()), None if whole else float(vals.std())
 
 
 _MS_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)

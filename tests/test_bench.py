@@ -12,7 +12,7 @@ import torch
 import bench
 import config
 from dataset import split_folder_name
-from modules import VQVAE, VectorQuantizer
+from modules import VQVAE, ConvTranspose2d, VectorQuantizer
 from train import vqvae_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -90,6 +90,12 @@ def test_one_hot_quantizer_is_the_same_quantizer():
     assert torch.equal(qb.indices, qo.indices)
     assert torch.allclose(qb.z_q, qo.z_q, atol=1e-6)
     assert torch.allclose(qb.loss, qo.loss, atol=1e-6)  # the report's codebook + beta * commitment loss
+
+
+def test_baseline_uses_torchs_own_transposed_convolutions():
+    layers = list(bench.BaselineVQVAE(config.preset("tiny").model).modules())
+    assert any(type(m) is torch.nn.ConvTranspose2d for m in layers)
+    assert not any(isinstance(m, ConvTranspose2d) for m in layers)
 
 
 def test_cli_json_parses():

@@ -13,9 +13,10 @@ Per device and preset, in images/s unless said:
   step        one VQ-VAE training step. Ours: train.train_vqvae's step, line for line (bf16 autocast where
               runs.use_bf16 says so, channels_last, fused Adam, EMA codebook, no host sync).
               Baseline: the same Encoder and Decoder (torch's own ConvTranspose2d, as in the report) in fp32,
-              contiguous, with the report's dense one-hot quantizer (one_hot(argmin) @ codebook, codebook + commitment loss), plain Adam, loss.item() per
-              step, run in a fresh process so that it keeps PyTorch's defaults (on CUDA: no cudnn.benchmark,
-              no TF32 matmuls; on CPU: glibc's malloc as it comes, see runs.keep_freed_host_memory).
+              contiguous, with the report's dense one-hot quantizer (one_hot(argmin) @ codebook, codebook +
+              commitment loss), plain Adam, loss.item() per step, run in a fresh process so that it keeps
+              PyTorch's defaults (on CUDA: no cudnn.benchmark, no TF32 matmuls; on CPU: glibc's malloc as it
+              comes, see runs.keep_freed_host_memory).
   gan         one GAN step as in train.train_gan (D step + G step, snap head), in code maps/s; timed over
               --baseline-steps steps, since each is several VQ-VAE steps' work on the paper preset.
   end to end  data + step over a fixed number of batches, which is what an epoch runs at. Ours: batches of the

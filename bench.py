@@ -332,7 +332,7 @@ def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int
     bs, size = cfg.train.batch_size, cfg.model.image_size
     out = {"device": device.type, "device_name": device_name(device), "preset": cfg.preset, "image_size": size,
            "batch_size": bs, "bf16": bf16, "channels_last": True,
-           "compile": cfg.train.compile, "steps": steps, "baseline_steps": baseline_steps}
+           "compile": cfg.runtime.compile, "steps": steps, "baseline_steps": baseline_steps}
 
     # ---- ours: the cached split, resident on the device
     array, _ = load_folder(train_folder, size, cache_dir)
@@ -365,7 +365,7 @@ def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int
     # (b) our VQ-VAE step on one batch
     model = VQVAE(cfg.model).to(device, memory_format=torch.channels_last)
     opt = adam(model.parameters(), cfg.train.lr, device)
-    compile_convs(model, cfg.train.compile)
+    compile_convs(model, cfg.runtime.compile)
     net = model
     source = train_batches(train_u8, bs, cfg.seed, device)
     x = next(source)
@@ -389,7 +389,7 @@ def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int
     t0 = time.perf_counter()
     for i in range(steps):
         pending.append(vqvae_step(net, opt, next(source), device, bf16))
-        if len(pending) == cfg.train.log_every or i == steps - 1:
+        if len(pending) == cfg.runtime.log_every or i == steps - 1:
             flush(pending)
     sync(device)
     out["end_to_end_img_s"] = steps * bs / (time.perf_counter() - t0)
@@ -567,8 +567,8 @@ def run(args) -> int:
     cfgs = [config.preset(n) for n in names]
     for cfg in cfgs:
         if args.amp:
-            cfg.train.amp = args.amp
-        cfg.train.compile = args.compile
+            cfg.runtime.amp = args.amp
+        cfg.runtime.compile = args.compile
     devices = parse_devices(args.device)
     real_stdout = sys.stdout
     results = []
@@ -590,7 +590,7 @@ def run(args) -> int:
             peaks = {}
             for cfg in cfgs:
                 steps, base_steps = _steps(args, device, cfg)
-                bf16 = use_bf16(device, cfg.train.amp)
+                bf16 = use_bf16(device, cfg.runtime.amp)
                 if bf16 not in peaks:
                     peaks[bf16] = device_peak(device, bf16, args.peak_tflops)
                 log(f"bench {device.type} {cfg.preset}: {steps} steps, baseline {base_steps} ...")

@@ -30,14 +30,20 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """How the VQ-VAE trains."""
     epochs: int = 15
     batch_size: int = 32
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # "constant" (the report's) or "cosine" (decays to 0 over the run: steadier last epochs)
-    amp: str = "auto"            # "auto": bf16 autocast on CUDA and on CPUs with native bf16 (1.9x measured), "bf16", "off"
-    compile: str = "off"         # torch.compile backend for encoder and decoder ("inductor"), or "off"
-    log_every: int = 20          # steps between loss logs; losses are read back to the host only this often
+    lr_schedule: str = "constant"  # "constant" (the report's) or "cosine" (decays to 0: steadier last epochs)
     eval_images: int = 16        # originals/reconstructions shown in TensorBoard and figures
+
+
+@dataclass
+class RuntimeConfig:
+    """How every stage runs: numerics, compilation, logging."""
+    amp: str = "auto"            # "auto": bf16 autocast on CUDA and on CPUs with native bf16, "bf16", "off"
+    compile: str = "off"         # torch.compile backend for the VQ-VAE's encoder and decoder ("inductor"), or "off"
+    log_every: int = 20          # steps between loss logs; losses are read back to the host only this often
 
 
 @dataclass
@@ -55,10 +61,13 @@ class GANConfig:
     spectral_norm: bool = False  # spectral normalisation of D's convolutions (keeps D from overpowering G)
     real_label: float = 1.0      # target for real maps; 0.9 is one-sided label smoothing
 
+    def sampling(self) -> dict:
+        """Keyword arguments of the prior's `sample`."""
+        return {}
+
 
 @dataclass
-class PriorConfig:
-    kind: str = "gan"            # which prior generates new slices: "gan" (the report's) or "pixelcnn"
+class PixelCNNConfig:
     hidden: int = 128
     layers: int = 12
     epochs: int = 20
@@ -67,16 +76,35 @@ class PriorConfig:
     temperature: float = 1.0
     top_k: int = 0               # 0: sample from the full distribution
 
+    def sampling(self) -> dict:
+        """Keyword arguments of the prior's `sample`."""
+        return {"temperature": self.temperature, "top_k": self.top_k}
+
+
+@dataclass
+class JudgeConfig:
+    """The classifier two-sample test (metrics.c2st) that judges generated slices."""
+    seeds: int = 3               # classifiers trained, each on one half of both sets and scored on the other
+    steps: int = 200             # Adam steps per classifier
+
+
+# The priors that generate new code maps, by the name used in --prior, config files and checkpoint names.
+PRIORS = ("gan", "pixelcnn")
+DEFAULT_PRIOR = "gan"
+
 
 @dataclass
 class Config:
     preset: str = "paper"
     seed: int = 0
     data_dir: str | None = None  # None: the built-in synthetic slices
+    prior: str = DEFAULT_PRIOR   # which prior generates new slices (one of PRIORS)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     gan: GANConfig = field(default_factory=GANConfig)
-    prior: PriorConfig = field(default_factory=PriorConfig)
+    pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
+    judge: JudgeConfig = field(default_factory=JudgeConfig)
     n_samples: int = 512         # generated slices for the generation metrics (figures show the first 64)
 
     def to_dict(self) -> dict:
@@ -84,14 +112,19 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        parts = {f.name: f.type for f in dataclasses.fields(cls)}
+        """The inverse of `to_dict`; fields added since a dict was written take their defaults."""
         kwargs = {}
         for key, value in d.items():
-            if key not in parts:
+            if key not in PARTS and key not in {f.name for f in dataclasses.fields(cls)}:
                 raise ValueError(f"unknown config field {key!r}")
-            sub = {"model": ModelConfig, "train": TrainConfig, "gan": GANConfig, "prior": PriorConfig}.get(key)
-            kwargs[key] = sub(**value) if sub else value
+            kwargs[key] = PARTS[key](**value) if key in PARTS else value
+        if kwargs.get("prior", DEFAULT_PRIOR) not in PRIORS:
+            raise ValueError(f"prior must be one of {', '.join(PRIORS)}, not {kwargs['prior']!r}")
         return cls(**kwargs)
+
+
+PARTS = {"model": ModelConfig, "train": TrainConfig, "runtime": RuntimeConfig, "gan": GANConfig,
+         "pixelcnn": PixelCNNConfig, "judge": JudgeConfig}
 
 
 def _paper() -> Config:
@@ -106,7 +139,7 @@ def _quick() -> Config:
         model=ModelConfig(image_size=128, hidden=64, res_hidden=32, num_codes=128, code_dim=32, dead_after=20),
         train=TrainConfig(epochs=20, batch_size=32, lr=2e-3, lr_schedule="cosine"),
         gan=GANConfig(g_width=128, d_width=32, epochs=30, batch_size=64),
-        prior=PriorConfig(hidden=64, layers=8, epochs=7, batch_size=32),
+        pixelcnn=PixelCNNConfig(hidden=64, layers=8, epochs=7, batch_size=32),
         n_samples=256,
     )
 
@@ -116,9 +149,11 @@ def _tiny() -> Config:
     return Config(
         preset="tiny",
         model=ModelConfig(image_size=32, hidden=16, res_hidden=8, n_res=1, num_codes=16, code_dim=8, dead_after=5),
-        train=TrainConfig(epochs=2, batch_size=8, lr=2e-3, log_every=2, eval_images=4),
+        train=TrainConfig(epochs=2, batch_size=8, lr=2e-3, eval_images=4),
+        runtime=RuntimeConfig(log_every=2),
         gan=GANConfig(noise_dim=16, g_width=32, d_width=8, epochs=2, batch_size=8),
-        prior=PriorConfig(hidden=16, layers=2, epochs=2, batch_size=8),
+        pixelcnn=PixelCNNConfig(hidden=16, layers=2, epochs=2, batch_size=8),
+        judge=JudgeConfig(seeds=2, steps=5),  # plumbing only: tests/test_metrics.py checks the judge itself
         n_samples=8,
     )
 

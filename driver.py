@@ -11,24 +11,24 @@ and figures/. --resume continues a stopped run from its last checkpoints.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from config import PRESETS, Config, preset
+import figures
+from config import DEFAULT_PRIOR, PRESETS, PRIORS, Config, preset
 from dataset import BUILTIN_DIR, DataError, ensure_builtin, load_splits
-from runs import RunError, at_least, check_same_architecture, load_checkpoint, pick_device, write_json
-import train
-from train import TrainingDiverged, dist_info, train_gan, train_vqvae
+from evaluate import evaluate_run, load_vqvae, nearest_training, reconstruction_example
+from runs import (RunError, at_least, barrier, broadcast_object, check_same_architecture, checkpoint_path,
+                  close_distributed, dist_info, init_distributed, load_checkpoint, pick_device, write_json)
+from train import TrainingDiverged, train_prior, train_vqvae
 
-PRIOR_CHOICES = ("gan", "pixelcnn", "both")
-DEFAULT_PRIOR = "gan"
+ALL = ("all", "both")  # train and compare every prior; "both" is the name from when there were two
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,8 +37,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                                       "default: the built-in synthetic slices, generated on first use")
     p.add_argument("--preset", choices=sorted(PRESETS), help="model and schedule preset (default: paper on CUDA "
                                                               "with --data-dir, else quick)")
-    p.add_argument("--prior", choices=PRIOR_CHOICES, default=None,
-                   help=f"prior that generates new slices; 'both' trains and compares the two (default: {DEFAULT_PRIOR})")
+    p.add_argument("--prior", choices=(*PRIORS, *ALL), default=None,
+                   help=f"prior that generates new slices; 'all' trains and compares every prior, keeping the run's "
+                        f"generator ('both' is accepted for 'all') (default: {DEFAULT_PRIOR})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--run-dir", type=Path, help="run folder (default: runs/NNN-<preset>-<data>)")
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last checkpoints")
@@ -51,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs (default: from the preset; 30)")
     p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "
                    "codebook, or per-position code logits with Gumbel-softmax (default: from the preset)")
-    p.add_argument("--prior-epochs", type=at_least(1), help="PixelCNN epochs (default: from the preset; quick 7)")
+    p.add_argument("--pixelcnn-epochs", "--prior-epochs", type=at_least(1), dest="pixelcnn_epochs",
+                   help="PixelCNN epochs (default: from the preset; quick 7)")
     p.add_argument("--samples", type=at_least(2), help="slices to generate for the generation metrics "
                                                         "(default: from the preset; paper 512, quick 256)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (default: auto = CUDA, or a CPU "
@@ -77,13 +79,13 @@ def build_config(args, device: torch.device) -> Config:
         cfg = preset(args.preset or ("paper" if device.type == "cuda" and args.data_dir else "quick"))
         cfg.seed = args.seed if args.seed is not None else 0
         cfg.data_dir = data_dir
-        cfg.prior.kind = DEFAULT_PRIOR
     cfg.model = override(cfg.model, num_codes=args.num_codes, code_dim=args.code_dim)
-    cfg.train = override(cfg.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, amp=args.amp,
-                         compile=args.compile)
+    cfg.train = override(cfg.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    cfg.runtime = override(cfg.runtime, amp=args.amp, compile=args.compile)
     cfg.gan = override(cfg.gan, epochs=args.gan_epochs, head=args.gan_head)
-    kind = {"both": "pixelcnn", None: cfg.prior.kind}.get(args.prior, args.prior)
-    cfg.prior = override(cfg.prior, epochs=args.prior_epochs, kind=kind)
+    cfg.pixelcnn = override(cfg.pixelcnn, epochs=args.pixelcnn_epochs)
+    if args.prior in PRIORS:
+        cfg.prior = args.prior
     if args.samples:
         cfg.n_samples = args.samples
     return cfg
@@ -99,88 +101,79 @@ def new_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
     return root / f"{max(taken, default=0) + 1:03d}-{cfg.preset}-{data}"
 
 
-def init_distributed() -> torch.device | None:
-    """Under torchrun: join the process group and return this rank's device."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return None
-    cuda = torch.cuda.is_available()
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device("cpu")
-
-
-def run(args) -> dict:
-    rank_device = init_distributed()
+def prepare(args) -> tuple[Config, Path, Path, torch.device]:
+    """Config, run folder, data folder and device, checked before anything is written; config.json saved."""
+    device = init_distributed() or pick_device(args.device)
     rank, world = dist_info()
-    device = rank_device or pick_device(args.device)
-    cfg = build_config(args, device)
     if args.resume and not args.run_dir:
         raise RunError("--resume needs --run-dir (the run to continue)")
-    run_dir = args.run_dir or new_run_dir(cfg)
-    if world > 1:  # every rank must agree on the folder rank 0 picked
-        box = [str(run_dir)]
-        dist.broadcast_object_list(box, src=0)
-        run_dir = Path(box[0])
-    if not args.resume and (run_dir / "vqvae_last.pt").exists():
+    cfg = build_config(args, device)
+    run_dir = broadcast_object(args.run_dir or new_run_dir(cfg))  # every rank uses the folder rank 0 picked
+    if not args.resume and checkpoint_path(run_dir, "vqvae").exists():
         raise RunError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --run-dir")
-    say = print if rank == 0 else (lambda *a, **k: None)
-    if not cfg.data_dir:
-        say(f"no --data-dir given: using the built-in synthetic brain slices in {BUILTIN_DIR}")
-        data_dir = ensure_builtin() if rank == 0 else BUILTIN_DIR
-        if world > 1:
-            dist.barrier()
-    else:
-        data_dir = cfg.data_dir
     if args.resume:
         check_checkpoints(run_dir, cfg)  # before config.json is rewritten: a refused resume changes nothing
+    if cfg.data_dir:
+        data_dir = Path(cfg.data_dir)
+    else:
+        say(f"no --data-dir given: using the built-in synthetic brain slices in {BUILTIN_DIR}")
+        data_dir = ensure_builtin() if rank == 0 else BUILTIN_DIR
+        barrier()
     run_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0:
         write_json(cfg.to_dict(), run_dir / "config.json")
     say(f"run folder: {run_dir}   preset: {cfg.preset}   device: {device}" + (f" x {world} ranks" if world > 1 else ""))
+    return cfg, run_dir, data_dir, device
 
+
+def run(args) -> dict:
+    """The pipeline; models and histories stay in memory from training to evaluation and figures."""
+    cfg, run_dir, data_dir, device = prepare(args)
     timing, t_all = {}, time.perf_counter()
-    t = time.perf_counter()
-    splits = load_splits(data_dir, cfg.model.image_size, args.cache_dir, args.skip_bad)
-    timing["data_s"] = time.perf_counter() - t
+    with timed(timing, "data_s"):
+        splits = load_splits(data_dir, cfg.model.image_size, args.cache_dir, args.skip_bad)
     say("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" slices at {cfg.model.image_size}px")
-
-    t = time.perf_counter()
-    train_vqvae(cfg, splits, run_dir, device, resume=args.resume)
-    timing["vqvae_s"] = time.perf_counter() - t
-
-    import predict  # after training: predict reloads the best checkpoint, as a user would
-
-    vqvae, _ = predict.load_vqvae(run_dir, device)
-    priors = ["gan", "pixelcnn"] if args.prior == "both" else [cfg.prior.kind]
-    for kind in priors:
-        t = time.perf_counter()
-        (train_gan if kind == "gan" else train.train_prior)(with_kind(cfg, kind), vqvae, splits, run_dir, device,
-                                                     resume=args.resume)
-        timing["gan_s" if kind == "gan" else "pixelcnn_s"] = time.perf_counter() - t
-    if rank:
+    with timed(timing, "vqvae_s"):
+        _, histories = train_vqvae(cfg, splits, run_dir, device, resume=args.resume)
+    histories = {"vqvae": histories}
+    vqvae, _ = load_vqvae(run_dir, device)  # the best epoch by validation SSIM, read back once
+    priors = {}
+    for name in PRIORS if args.prior in ALL else (cfg.prior,):
+        with timed(timing, f"{name}_s"):
+            priors[name], histories[name] = train_prior(name, cfg, vqvae, splits, run_dir, device, resume=args.resume)
+    if dist_info()[0]:
         return {}
-    t = time.perf_counter()
-    results = predict.evaluate_run(run_dir, splits, device, priors)
-    timing["evaluation_s"] = time.perf_counter() - t
+    with timed(timing, "evaluation_s"):
+        results, samples = evaluate_run(vqvae, cfg, splits, priors, device)
+        nearest = {name: nearest_training(images, splits) for name, (images, _) in samples.items()}
+    example = reconstruction_example(vqvae, cfg, splits, device)
+    figures.save_run_figures(run_dir / "figures", cfg, histories, example, samples, nearest)
     timing["total_s"] = time.perf_counter() - t_all
-    results.update(timing=timing, device=str(device), preset=cfg.preset, data_dir=cfg.data_dir,
-                   run_dir=str(run_dir), world_size=world)
+    results.update(timing=timing, device=str(device), preset=cfg.preset, data_dir=cfg.data_dir, prior=cfg.prior,
+                   run_dir=str(run_dir), world_size=dist_info()[1])
     write_json(results, run_dir / "metrics.json")
     say(summary_table(results))
     return results
 
 
+@contextlib.contextmanager
+def timed(timing: dict, key: str):
+    t = time.perf_counter()
+    yield
+    timing[key] = time.perf_counter() - t
+
+
+def say(*args) -> None:
+    if dist_info()[0] == 0:
+        print(*args)
+
+
 def check_checkpoints(run_dir: Path, cfg: Config) -> None:
     """Refuse, in one line, to resume checkpoints of another architecture than the one requested."""
-    for name, part in (("vqvae_last.pt", "model"), ("gan_last.pt", "gan"), ("pixelcnn_last.pt", "prior")):
-        if (run_dir / name).is_file():
-            check_same_architecture(load_checkpoint(run_dir / name), cfg, run_dir / name, part)
-
-
-def with_kind(cfg: Config, kind: str) -> Config:
-    return dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, kind=kind))
+    for name in ("vqvae", *PRIORS):
+        path = checkpoint_path(run_dir, name)
+        if path.is_file():
+            check_same_architecture(load_checkpoint(path), cfg, path, "model" if name == "vqvae" else name)
 
 
 def summary_table(r: dict) -> str:
@@ -188,7 +181,7 @@ def summary_table(r: dict) -> str:
     rows.append(("test SSIM (whole split, data_range 1)", f"{t['ssim']:.4f}"))
     rows.append(("test PSNR", f"{t['psnr']:.2f} dB"))
     rows.append(("codebook usage / perplexity", f"{t['codebook_usage']:.1%} / {t['perplexity']:.1f}"))
-    for kind in ("gan", "pixelcnn"):
+    for kind in PRIORS:
         g = r.get(f"generation_{kind}")
         if g:
             rows.append((f"{kind}: Frechet distance (real-vs-real)",
@@ -196,6 +189,9 @@ def summary_table(r: dict) -> str:
             rows.append((f"{kind}: KID x1e3 (real-vs-real)", f"{1e3 * g['kid']:.2f} ({1e3 * g['kid_real']:.2f})"))
             rows.append((f"{kind}: MS-SSIM diversity (real)", f"{g['ms_ssim']:.3f} ({g['ms_ssim_real']:.3f})"))
             rows.append((f"{kind}: nearest-train SSIM (real)", f"{g['nn_ssim']:.3f} ({g['nn_ssim_real']:.3f})"))
+            rows.append((f"{kind}: C2ST vs real test (real-vs-real)", f"{g['c2st']:.3f} ({g['c2st_real']:.3f})"))
+            rows.append((f"{kind}: C2ST vs reconstructions (real)",
+                         f"{g['c2st_recon']:.3f} ({g['c2st_recon_real']:.3f})"))
     for key, value in r["timing"].items():
         rows.append((f"time: {key[:-2]}", f"{value:.1f} s"))
     rows.append(("run folder", r["run_dir"]))
@@ -214,8 +210,7 @@ def main(argv=None) -> int:
         print("interrupted: the last finished epoch is saved; continue with --resume --run-dir RUN", file=sys.stderr)
         return 130
     finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        close_distributed()
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Inference over whole splits, shared by training and prediction: encode, reconstruct, sample, measure.
+"""Measuring: trained models rebuilt from a run, whole-split reconstruction metrics, sampling from any
+prior, generation metrics with the judge, and a run's metrics.json content. No figures, no CLI.
 
 Splits arrive as uint8 N x 1 x H x W tensors (on any device) and are processed in batches on `device`.
 """
@@ -7,8 +8,11 @@ from __future__ import annotations
 import torch
 
 import metrics
-from dataset import batches
-from runs import autocast
+from config import PRIORS, Config
+from dataset import Split, batches, to_float
+from modules import VQVAE, build_prior
+from runs import (RunError, autocast, checkpoint_config, checkpoint_path, find_run, load_checkpoint, load_state,
+                  use_bf16)
 
 
 def evenly(images: torch.Tensor, n: int) -> torch.Tensor:
@@ -71,32 +75,75 @@ def decode_indices(vqvae, indices: torch.Tensor, batch_size: int = 64, bf16: boo
     return torch.cat(out)
 
 
-def fixed_noise(n: int, dim: int, seed: int, device) -> torch.Tensor:
-    """Normal noise drawn on the CPU from its own generator: the same samples on any device."""
-    return torch.randn(n, dim, generator=torch.Generator().manual_seed(seed)).to(device)
+def sample_codes(prior, n: int, seed: int, device, settings) -> torch.Tensor:
+    """n index maps from any prior with its config section's sampler settings, deterministic for a seed."""
+    return prior.sample(n, torch.Generator().manual_seed(seed), device=device, **settings.sampling())
 
 
-@torch.no_grad()
-def sample_gan(generator, vqvae, noise: torch.Tensor) -> torch.Tensor:
-    was_training = generator.training
-    generator.eval()
-    _, idx = generator(noise, vqvae.quantizer)
-    generator.train(was_training)
-    return idx
+def fingerprint(vqvae) -> list[float]:
+    """A few numbers that change whenever the codebook does: a prior is only valid for its own VQ-VAE."""
+    codes = vqvae.quantizer.codebook.detach().double().cpu()
+    return [float(codes.sum()), float(codes.abs().sum()), float(codes[::7].pow(2).sum())]
 
 
-def sample_codes(prior, vqvae, n: int, seed: int, device, cfg) -> torch.Tensor:
-    """n index maps from either prior, deterministic for a seed."""
-    if cfg.prior.kind == "pixelcnn":
-        return prior.sample(n, generator=torch.Generator().manual_seed(seed), temperature=cfg.prior.temperature,
-                            top_k=cfg.prior.top_k, device=device)
-    return sample_gan(prior, vqvae, fixed_noise(n, cfg.gan.noise_dim, seed, device))
+# ---------------------------------------------------------------- a run's models
+
+def load_vqvae(run_dir, device="cpu", which: str = "best") -> tuple[VQVAE, Config]:
+    """The run's VQ-VAE rebuilt from its checkpoint alone, in eval mode, with the checkpoint's config."""
+    run_dir = find_run(run_dir)
+    path = checkpoint_path(run_dir, "vqvae", which)
+    if not path.is_file():
+        path = checkpoint_path(run_dir, "vqvae")
+    ckpt = load_checkpoint(path)
+    cfg = checkpoint_config(ckpt, path)
+    model = VQVAE(cfg.model)
+    load_state(model, ckpt["models"]["vqvae"], path)
+    return model.to(device).eval(), cfg
+
+
+def trained_priors(run_dir) -> list[str]:
+    return [name for name in PRIORS if checkpoint_path(run_dir, name).is_file()]
+
+
+def load_prior(run_dir, name: str, vqvae, device="cpu"):
+    """The run's prior `name` rebuilt from its checkpoint alone, in eval mode, with the config it was trained
+    with; refused in one line when it was trained on another VQ-VAE than `vqvae` (its codes would mean nothing)."""
+    run_dir = find_run(run_dir)
+    path = checkpoint_path(run_dir, name)
+    if not path.is_file():
+        raise RunError(f"{run_dir}: no {name} prior in this run ({path.name} missing; trained: "
+                       f"{', '.join(trained_priors(run_dir)) or 'none'})")
+    ckpt = load_checkpoint(path)
+    if ckpt["state"].get("vqvae") != fingerprint(vqvae):
+        raise RunError(f"{path}: trained on another VQ-VAE than {run_dir}'s (copied from another run?); "
+                       f"retrain it with driver.py --resume --run-dir {run_dir} --prior {name}")
+    cfg = checkpoint_config(ckpt, path)
+    prior = build_prior(name, cfg)
+    load_state(prior, ckpt["models"]["prior"], path)
+    return prior.to(device).eval(), cfg
+
+
+# ---------------------------------------------------------------- generation
+
+def real_reference(vqvae, splits: dict[str, Split], judge, device, bf16: bool) -> dict:
+    """What generated slices are compared with: float CPU slices of every split, the test split's index maps,
+    the VQ-VAE's reconstructions of validation and test, and the judge's real-vs-real scores."""
+    real = {s: to_float(splits[s].images) for s in ("train", "validate", "test")}
+    real["test_idx"] = encode_split(vqvae, splits["test"].images, 64, device, bf16)
+    for s in ("validate", "test"):
+        real[f"{s}_recon"] = torch.cat([rec for _, rec, _ in reconstruct(vqvae, splits[s].images, 64, device, bf16)])
+    real["judge"] = {"seeds": judge.seeds, "steps": judge.steps}
+    real["c2st_real"] = metrics.c2st(real["validate"], real["test"], **real["judge"])["accuracy"]
+    real["c2st_recon_real"] = metrics.c2st(real["validate_recon"], real["test_recon"], **real["judge"])["accuracy"]
+    return real
 
 
 def generation_metrics(samples: torch.Tensor, sample_idx: torch.Tensor, real: dict, num_codes: int) -> dict:
-    """Generated slices against real ones, next to the same figure for real test slices as the reference.
+    """Generated slices against real ones, next to the same figure for real slices as the reference.
 
-    `real` holds float CPU slices `test`, `validate`, `train` and the test split's index maps `test_idx`.
+    `real` is `real_reference`'s dict. The judge (C2ST) compares samples with the real test slices and with
+    the VQ-VAE's reconstructions of them (the decoder's blur then shared, it measures the prior alone), each
+    next to the same test on validation against test.
     The real reference uses as many validation slices as there are samples, evenly spread over the split,
     because the Frechet distance is biased upwards for small sets: like is compared with like.
     """
@@ -120,5 +167,48 @@ def generation_metrics(samples: torch.Tensor, sample_idx: torch.Tensor, real: di
         "nn_ssim": float(metrics.nearest_neighbour_ssim(samples, real["train"]).mean()),
         "nn_ssim_real": float(metrics.nearest_neighbour_ssim(test_subset, real["train"]).mean()),
         "code_js": metrics.code_histogram_distance(sample_idx.cpu(), real["test_idx"].cpu(), num_codes),
+        "c2st": metrics.c2st(samples, real["test"], **real["judge"])["accuracy"],
+        "c2st_real": real["c2st_real"],
+        "c2st_recon": metrics.c2st(samples, real["test_recon"], **real["judge"])["accuracy"],
+        "c2st_recon_real": real["c2st_recon_real"],
         "n_samples": n,
     }
+
+
+@torch.no_grad()
+def evaluate_run(vqvae, cfg: Config, splits: dict[str, Split], priors: dict, device) -> tuple[dict, dict]:
+    """metrics.json's measurements, and what the figures show: test and validation reconstruction metrics, and
+    for each prior in `priors` ({name: model}) `cfg.n_samples` samples with the generation metrics.
+    Returns (results, samples {name: (slices, index maps)})."""
+    bf16 = use_bf16(device, cfg.runtime.amp)
+    results = {s: evaluate_vqvae(vqvae, splits[s].images, 64, device, bf16) for s in ("test", "validate")}
+    samples = sample_priors(vqvae, cfg, priors, device)
+    if priors:
+        real = real_reference(vqvae, splits, cfg.judge, device, bf16)
+    for name in priors:
+        results[f"generation_{name}"] = generation_metrics(*samples[name], real, cfg.model.num_codes)
+    if cfg.prior in samples:
+        results["generation"] = results[f"generation_{cfg.prior}"]
+    return results, samples
+
+
+def sample_priors(vqvae, cfg: Config, priors: dict, device) -> dict:
+    """{name: (slices, index maps)}: `cfg.n_samples` new slices from each prior, with the run's seed."""
+    bf16 = use_bf16(device, cfg.runtime.amp)
+    samples = {}
+    for name, prior in priors.items():
+        idx = sample_codes(prior, cfg.n_samples, cfg.seed, device, getattr(cfg, name))
+        samples[name] = (decode_indices(vqvae, idx, bf16=bf16), idx)
+    return samples
+
+
+def nearest_training(samples: torch.Tensor, splits: dict[str, Split], n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SSIM, slice) of the nearest training slice of each of the first n samples, for the memorisation figure."""
+    train = to_float(splits["train"].images)
+    ssim, nearest = metrics.nearest_neighbours(samples[:n], train)
+    return ssim, train[nearest]
+
+
+def reconstruction_example(vqvae, cfg: Config, splits: dict[str, Split], device, n: int = 8):
+    """(originals, reconstructions, index maps) of n test slices spread over the split, for the figures."""
+    return next(reconstruct(vqvae, evenly(splits["test"].images, n), n, device, use_bf16(device, cfg.runtime.amp)))

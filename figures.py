@@ -9,22 +9,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
 
 DARK = {"figure.facecolor": "black", "axes.facecolor": "black", "text.color": "white",
         "axes.labelcolor": "white", "xtick.color": "white", "ytick.color": "white", "axes.edgecolor": "gray"}
 
 
-def grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> np.ndarray:
-    """N x 1 x H x W in [0, 1] -> one 2D float array, tiles separated by black lines."""
+def grid(images: torch.Tensor, nrow: int = 8, pad: int = 2) -> torch.Tensor:
+    """N x 1 x H x W in [0, 1] -> one 1 x H' x W' image, tiles separated by black lines (for TensorBoard too)."""
     images = images.detach().float().clamp(0, 1).cpu()
-    n, _, h, w = images.shape
-    ncol = min(nrow, n)
-    rows = -(-n // ncol)
-    out = np.zeros((rows * (h + pad) - pad, ncol * (w + pad) - pad), dtype=np.float32)
-    for i, im in enumerate(images[:, 0].numpy()):
-        r, c = divmod(i, ncol)
-        out[r * (h + pad):r * (h + pad) + h, c * (w + pad):c * (w + pad) + w] = im
-    return out
+    return make_grid(images, nrow=min(nrow, len(images)), padding=pad)[:1]
 
 
 def index_map_rgb(indices: torch.Tensor, num_codes: int) -> np.ndarray:
@@ -54,7 +48,7 @@ def _image_axes(ax, image, title=None, **kw):
 
 def save_montage(images: torch.Tensor, path, title: str = "", nrow: int = 8) -> Path:
     with plt.rc_context(DARK):
-        g = grid(images, nrow)
+        g = grid(images, nrow)[0]
         fig, ax = plt.subplots(figsize=(min(16, g.shape[1] / 60 + 1), g.shape[0] / 60 + 0.6), dpi=100)
         _image_axes(ax, g, title)
         return _save(fig, path)
@@ -152,3 +146,72 @@ def save_pipeline(image, indices, recon, sample_indices, sample, num_codes: int,
                             arrowprops=dict(arrowstyle="->", color="white", lw=2))
         fig.suptitle(title, fontsize=11)
         return _save(fig, path)
+
+
+# ---------------------------------------------------------------- a run's figures
+
+def save_run_figures(out, cfg, histories: dict, example, samples: dict, nearest: dict) -> list[Path]:
+    """Every figure of a run into folder `out`.
+
+    histories: {stage name: fit()'s history}; example: (originals, reconstructions, index maps) of a few test
+    slices; samples: {prior: (slices, index maps)}; nearest: {prior: (SSIM, nearest training slice) of its
+    first samples}. The pipeline figure shows `cfg.prior` (the run's generator) when it was sampled."""
+    out = Path(out)
+    made = save_vqvae_curves(histories.get("vqvae"), out) + save_prior_curves(histories, out)
+    x, rec, idx = example
+    mid = len(x) // 2
+    made.append(save_reconstructions(x, rec, out / "reconstructions.png",
+                                     "test slices: original, reconstruction, error"))
+    made.append(save_code_map(x[mid], idx[mid], cfg.model.num_codes, out / "code_map.png"))
+    if samples:
+        name = cfg.prior if cfg.prior in samples else next(iter(samples))
+        images, sample_idx = samples[name]
+        data = Path(cfg.data_dir).name if cfg.data_dir else "built-in data"
+        made.append(save_pipeline(x[mid], idx[mid], rec[mid], sample_idx[0], images[0], cfg.model.num_codes,
+                                  out / "pipeline.png", f"{cfg.preset} preset, {data}, {name} prior"))
+    for name, (images, _) in samples.items():
+        made.append(save_montage(images[:64], out / f"samples_{name}.png",
+                                 f"{min(len(images), 64)} samples, {name} prior"))
+        made.append(save_zoom(images, out / f"samples_{name}_zoom.png", f"samples, {name} prior"))
+    for name, (ssim, slices) in nearest.items():
+        made.append(save_side_by_side(
+            {"sample": samples[name][0][:len(slices)], "nearest train": slices}, out / f"nearest_{name}.png",
+            f"{name} samples over their nearest training slices (SSIM {', '.join(f'{v:.2f}' for v in ssim.tolist())})"))
+    return made
+
+
+def save_vqvae_curves(history: dict | None, out: Path) -> list[Path]:
+    if not history:
+        return []
+    rows = history["train"]
+    steps, losses, recon = ([r[i] for r in rows] for i in range(3))
+    val, epochs = history["val"], [v["epoch"] for v in history["val"]]
+    return [save_curves({"total loss": (steps, losses), "reconstruction MSE": (steps, recon)},
+                        out / "vqvae_loss.png", "VQ-VAE training loss", "step", "loss", logy=True),
+            save_curves({"SSIM": (epochs, [v["ssim"] for v in val]),
+                         "codebook usage": (epochs, [v["codebook_usage"] for v in val])},
+                        out / "val_ssim.png", "validation split, after each epoch", "epoch", "")]
+
+
+def save_prior_curves(histories: dict, out: Path) -> list[Path]:
+    """Each prior's training losses; the PixelCNN's validation likelihood too."""
+    made = []
+    for name, history in histories.items():
+        if name == "vqvae" or not history:
+            continue
+        rows = history["train"]
+        series = {loss: ([r[0] for r in rows], [r[i + 1] for r in rows]) for i, loss in enumerate(history["losses"])}
+        made.append(save_curves(series, out / f"{name}_losses.png", f"{name} training", "step", ""))
+        val = [v for v in history["val"] if "val_bits_per_code" in v]
+        if val:
+            made.append(save_curves({"validation": ([v["epoch"] for v in val], [v["val_bits_per_code"] for v in val])},
+                                    out / f"{name}_nll.png", f"{name} validation NLL", "epoch", "bits per code"))
+    return made
+
+
+def save_png(image: torch.Tensor, path) -> Path:
+    """One 1 x H x W slice in [0, 1] as an 8-bit grayscale PNG."""
+    from PIL import Image
+
+    Image.fromarray((image[0].float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)).save(path)
+    return Path(path)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from config import GANConfig, ModelConfig, PriorConfig
+from config import Config, GANConfig, ModelConfig, PixelCNNConfig
 
 
 # ---------------------------------------------------------------- VQ-VAE
@@ -88,22 +88,25 @@ class Decoder(nn.Module):
         return self.net(z) + 0.5
 
 
+def nearest_with_distance(flat: torch.Tensor, codebook: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(squared distance to, index of) the nearest row of codebook (K x D) for each row of flat (M x D).
+
+    In fp32 even under autocast: bf16 rounding would flip the argmin between near-equal codes."""
+    with torch.autocast(flat.device.type, enabled=False):
+        flat, codes = flat.float(), codebook.float()
+        # |x|^2 is the same for every code: leave it out of the M x K matrix, add it to the minimum only.
+        partial, idx = torch.addmm(codes.pow(2).sum(1)[None], flat, codes.t(), alpha=-2).min(1)
+        return partial + flat.pow(2).sum(1), idx
+
+
+def nearest_code(flat: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    return nearest_with_distance(flat, codebook)[1]
+
+
 class Quantized(NamedTuple):
     z_q: torch.Tensor        # N x D x h x w, straight-through: forward value is the code, gradient goes to z_e
     indices: torch.Tensor    # N x h x w
     loss: torch.Tensor       # beta * commitment (+ codebook loss in "loss" mode)
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
-def _broadcast(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.broadcast(t, src=0)
-    return t
 
 
 class VectorQuantizer(nn.Module):
@@ -111,9 +114,10 @@ class VectorQuantizer(nn.Module):
 
     Distances are computed in fp32 even under autocast: bf16 rounding would flip the argmin between
     near-equal codes. The codebook is initialised from the first training batch's encoder outputs (the
-    report's U(-1/K, 1/D) starts codes far from the data on one side, so many never get used). Under
-    torch.distributed, EMA statistics are all-reduced and restarts broadcast from rank 0, so every rank
-    holds the same codebook.
+    report's U(-1/K, 1/D) starts codes far from the data on one side, so many never get used). With
+    `distributed` set (by the training loop, under torchrun), EMA statistics are all-reduced and restarts
+    broadcast from rank 0, so every rank holds the same codebook; it is off otherwise, so that a quantizer
+    used in train mode by one rank alone never waits for the others.
     """
 
     def __init__(self, num_codes: int, code_dim: int, beta: float = 0.25, mode: str = "ema",
@@ -135,6 +139,17 @@ class VectorQuantizer(nn.Module):
         self.register_buffer("steps", torch.zeros((), dtype=torch.long))
         self.register_buffer("initialised", torch.zeros((), dtype=torch.bool))
         self._ready = False
+        self.distributed = False
+
+    def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.all_reduce(t)
+        return t
+
+    def _broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        if self.distributed:
+            dist.broadcast(t, src=0)
+        return t
 
     def nearest(self, flat: torch.Tensor) -> torch.Tensor:
         """Index of the nearest code for each row of flat (M x D), by squared distance in fp32."""
@@ -142,11 +157,7 @@ class VectorQuantizer(nn.Module):
 
     def nearest_with_distance(self, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(squared distance to, index of) the nearest code for each row of flat."""
-        with torch.autocast(flat.device.type, enabled=False):
-            flat, codes = flat.float(), self.codebook.float()
-            # |x|^2 is the same for every code: leave it out of the M x K matrix, add it to the minimum only.
-            partial, idx = torch.addmm(codes.pow(2).sum(1)[None], flat, codes.t(), alpha=-2).min(1)
-            return partial + flat.pow(2).sum(1), idx
+        return nearest_with_distance(flat, self.codebook)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """N x h x w indices -> N x D x h x w code map."""
@@ -177,7 +188,7 @@ class VectorQuantizer(nn.Module):
             self._ready = True
             return
         pick = torch.randint(len(flat), (self.num_codes,), device=flat.device)
-        codes = _broadcast(flat[pick].clone())
+        codes = self._broadcast(flat[pick].clone())
         self.codebook.data.copy_(codes)
         self.ema_sum.copy_(codes)
         self.ema_count.fill_(1.0)
@@ -186,12 +197,12 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update(self, flat: torch.Tensor, idx: torch.Tensor, dist_sq: torch.Tensor) -> None:
-        counts = _all_reduce(torch.bincount(idx, minlength=self.num_codes).float())
+        counts = self._all_reduce(torch.bincount(idx, minlength=self.num_codes).float())
         self.steps += 1
         self.usage += counts.long()
         self.last_used.copy_(torch.where(counts > 0, self.steps, self.last_used))
         if self.mode == "ema":
-            sums = _all_reduce(torch.zeros_like(self.ema_sum).index_add_(0, idx, flat))
+            sums = self._all_reduce(torch.zeros_like(self.ema_sum).index_add_(0, idx, flat))
             self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
             self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
             total = self.ema_count.sum()
@@ -213,7 +224,7 @@ class VectorQuantizer(nn.Module):
         # nan_to_num: a diverging run must reach the training loop's NaN check, not fail in here.
         weights = torch.nan_to_num(dist_sq, nan=0.0, posinf=0.0).clamp_min(0) + 1e-12
         pick = torch.multinomial(weights, self.num_codes, replacement=True)
-        fresh = _broadcast(flat[pick].clone())
+        fresh = self._broadcast(flat[pick].clone())
         self.codebook.data.copy_(torch.where(dead, fresh, self.codebook.data))
         self.ema_sum.copy_(torch.where(dead, fresh, self.ema_sum))
         self.ema_count.copy_(torch.where(dead[:, 0], 1.0, self.ema_count))
@@ -272,7 +283,6 @@ class Generator(nn.Module):
         else:
             layers.append(nn.Conv2d(c, out_channels, 3, 1, 1))
         self.net = nn.Sequential(*layers)
-        self.noise_dim = cfg.noise_dim
 
     def forward(self, noise: torch.Tensor) -> torch.Tensor:
         return self.net(noise[:, :, None, None])
@@ -304,26 +314,26 @@ class CodeGenerator(nn.Module):
 
     "snap": the continuous map is snapped to the nearest code, straight-through.
     "logits": per-position logits over the K codes, hard Gumbel-softmax (straight-through one-hot).
-    The quantizer is the frozen VQ-VAE's; it is passed in, not owned, so it is not saved twice.
+    It keeps a copy of the frozen VQ-VAE's codebook (K x D, small), so that it samples from its checkpoint alone.
     """
 
     def __init__(self, cfg: GANConfig, model_cfg: ModelConfig):
         super().__init__()
         if cfg.head not in ("snap", "logits"):
             raise ValueError(f"GAN head must be 'snap' or 'logits', not {cfg.head!r}")
-        self.head, self.tau = cfg.head, cfg.tau
+        self.head, self.tau, self.noise_dim = cfg.head, cfg.tau, cfg.noise_dim
         out = model_cfg.code_dim if cfg.head == "snap" else model_cfg.num_codes
         self.net = Generator(cfg, model_cfg.latent_size, out)
-        self.noise_dim = cfg.noise_dim
+        self.register_buffer("codebook", torch.zeros(model_cfg.num_codes, model_cfg.code_dim))
 
-    def forward(self, noise: torch.Tensor, quantizer: VectorQuantizer) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (code map N x D x h x w made of exact codebook vectors, index map N x h x w)."""
         out = self.net(noise).float()
-        codebook = quantizer.codebook.detach().float()
+        codebook = self.codebook.float()
         if self.head == "snap":
             n, d, h, w = out.shape
             flat = out.permute(0, 2, 3, 1).reshape(-1, d)
-            idx = quantizer.nearest(flat)
+            idx = nearest_code(flat, codebook)
             snapped = codebook[idx] + (flat - flat.detach())  # exact codes forward, gradients to G
             return snapped.view(n, h, w, d).permute(0, 3, 1, 2), idx.view(n, h, w)
         if self.training:
@@ -331,6 +341,18 @@ class CodeGenerator(nn.Module):
         else:
             one_hot = F.one_hot(out.argmax(1), out.shape[1]).permute(0, 3, 1, 2).float()
         return torch.einsum("nkhw,kd->ndhw", one_hot, codebook), one_hot.argmax(1)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+        """n index maps from noise drawn on the CPU by `generator`: a seed gives the same maps on any device."""
+        device = torch.device(device) if device is not None else self.codebook.device
+        noise = torch.randn(n, self.noise_dim, generator=generator).to(device)
+        was_training = self.training
+        self.eval()
+        try:
+            return self(noise)[1]
+        finally:
+            self.train(was_training)
 
 
 # ---------------------------------------------------------------- gated PixelCNN prior over index maps
@@ -386,7 +408,7 @@ class PixelCNN(nn.Module):
     learned position map added to the code embeddings tells it where on the grid it is.
     """
 
-    def __init__(self, cfg: PriorConfig, model_cfg: ModelConfig):
+    def __init__(self, cfg: PixelCNNConfig, model_cfg: ModelConfig):
         super().__init__()
         c, self.num_codes, self.size = cfg.hidden, model_cfg.num_codes, model_cfg.latent_size
         kernels = [7] + [3] * (cfg.layers - 1)
@@ -455,3 +477,14 @@ class PixelCNN(nn.Module):
                     h = layer.horizontal(cols[i], links[i][..., j:j + 1], pad_left=False)
                 idx[:, r, j] = draw_codes(self.head(h)[:, :, 0, 0], u[:, r, j], temperature, top_k)
         return idx
+
+
+# ---------------------------------------------------------------- priors by name
+
+PRIOR_MODELS = {"gan": CodeGenerator, "pixelcnn": PixelCNN}
+
+
+def build_prior(name: str, cfg: Config) -> nn.Module:
+    """The prior `name` (one of config.PRIORS), built from its own config section and the VQ-VAE's.
+    Every prior has `sample(n, generator, device, **settings) -> N x h x w index maps`."""
+    return PRIOR_MODELS[name](getattr(cfg, name), cfg.model)

@@ -1,20 +1,23 @@
-"""A run folder and its checkpoints, shared by training and prediction.
+"""Run folders, checkpoints, devices, numerics, RNG and the distributed helpers, shared by every program.
 
     runs/<name>/config.json   metrics.json   events.out.tfevents.*   figures/
-                vqvae_last.pt vqvae_best.pt  gan_last.pt  pixelcnn_last.pt
+                vqvae_last.pt vqvae_best.pt  <prior>_last.pt (gan, pixelcnn, ...)
 
-Every checkpoint holds the whole config as a plain dict, so `load_model` rebuilds a model from the file
-alone; checkpoints are written to a temp name and renamed, and read with `weights_only=True`.
+Every checkpoint has one layout, {"config", "models", "optimizers", "state", "rng"}, and holds the whole
+config as a plain dict, so a model can be rebuilt from the file alone; checkpoints are written to a temp
+name and renamed, and read with `weights_only=True`.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from config import Config
 from dataset import atomic_write
@@ -32,6 +35,54 @@ def at_least(low: int):
 
 class RunError(Exception):
     """A problem with a run folder or checkpoint, reported as one line."""
+
+
+# ---------------------------------------------------------------- distributed
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) outside torchrun."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed() -> torch.device | None:
+    """Under torchrun: join the process group and return this rank's device; None outside torchrun."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    cuda = torch.cuda.is_available()
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cpu")
+
+
+def close_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if dist_info()[1] > 1:
+        dist.barrier()
+
+
+def broadcast_object(obj):
+    """Rank 0's value of a picklable object, on every rank."""
+    if dist_info()[1] == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_ranks_finite(values: torch.Tensor) -> bool:
+    """True when values are finite on every rank: one host sync, and every rank gets the same answer."""
+    finite = torch.isfinite(values).all().float()
+    if dist_info()[1] > 1:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    return bool(finite.item())
 
 
 # ---------------------------------------------------------------- devices
@@ -132,6 +183,12 @@ def write_json(obj, path: Path) -> None:
     atomic_write(Path(path), lambda tmp: tmp.write_text(json.dumps(obj, indent=2, default=float) + "\n"))
 
 
+def checkpoint(cfg: Config, models: dict, optimizers: dict, state: dict) -> dict:
+    """The one checkpoint layout, for every model of the project."""
+    return {"config": cfg.to_dict(), "models": {k: m.state_dict() for k, m in models.items()},
+            "optimizers": {k: o.state_dict() for k, o in optimizers.items()}, "state": state, "rng": rng_state()}
+
+
 def load_checkpoint(path: Path) -> dict:
     path = Path(path)
     if not path.is_file():
@@ -140,8 +197,11 @@ def load_checkpoint(path: Path) -> dict:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a torn or foreign file: say which, not a pickle traceback
         raise RunError(f"{path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
-        raise RunError(f"{path}: not a checkpoint of this project (no config/model inside)")
+    if isinstance(ckpt, dict) and "model" in ckpt and "models" not in ckpt:
+        raise RunError(f"{path}: written by an older version of this project (checkpoint layout before the one "
+                       "training loop); retrain, or use that version to read it")
+    if not isinstance(ckpt, dict) or "config" not in ckpt or "models" not in ckpt:
+        raise RunError(f"{path}: not a checkpoint of this project (no config/models inside)")
     return ckpt
 
 
@@ -180,34 +240,24 @@ def find_run(run_dir) -> Path:
     return run_dir
 
 
-def load_vqvae(run_dir, device="cpu", which: str = "best"):
-    """The run's VQ-VAE rebuilt from its checkpoint alone, in eval mode."""
-    from modules import VQVAE
-
-    run_dir = find_run(run_dir)
-    path = run_dir / f"vqvae_{which}.pt"
-    if not path.is_file():
-        path = run_dir / "vqvae_last.pt"
-    ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt, path)
-    model = VQVAE(cfg.model)
-    load_state(model, ckpt["model"], path)
-    return model.to(device).eval(), cfg
+def checkpoint_path(run_dir, name: str, which: str = "last") -> Path:
+    """Where a run keeps the `which` ("last" or "best") checkpoint of model `name` ("vqvae" or a prior)."""
+    return Path(run_dir) / f"{name}_{which}.pt"
 
 
-PRIOR_FILES = {"gan": "gan_last.pt", "pixelcnn": "pixelcnn_last.pt"}
+def run_config(run_dir) -> Config:
+    """The run's current settings (prior, samples, seed): its config.json, which a resume may have changed
+    since the VQ-VAE checkpoint was written."""
+    path = find_run(run_dir) / "config.json"
+    try:
+        return Config.from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing (every run folder written by driver.py has one)") from None
+    except (TypeError, ValueError) as e:
+        raise RunError(f"{path}: not a config of this version of the code ({e})") from None
 
 
-def load_prior(run_dir, kind: str, device="cpu"):
-    """The run's prior of `kind` ("gan" or "pixelcnn"), rebuilt from its checkpoint alone, in eval mode."""
-    from modules import CodeGenerator, PixelCNN
-
-    run_dir = find_run(run_dir)
-    path = run_dir / PRIOR_FILES[kind]
-    if not path.is_file():
-        raise RunError(f"{run_dir}: no {kind} prior in this run ({path.name} missing; did training finish?)")
-    ckpt = load_checkpoint(path)
-    cfg = checkpoint_config(ckpt, path)
-    prior = CodeGenerator(cfg.gan, cfg.model) if kind == "gan" else PixelCNN(cfg.prior, cfg.model)
-    load_state(prior, ckpt["model"], path)
-    return prior.to(device).eval(), cfg
+def load_histories(run_dir, names) -> dict:
+    """{name: training history} of each of `names` that has a checkpoint in the run."""
+    paths = {name: checkpoint_path(run_dir, name) for name in names}
+    return {name: load_checkpoint(p)["state"]["history"] for name, p in paths.items() if p.is_file()}

@@ -1,10 +1,15 @@
-"""Training loops: `train_vqvae`, `train_gan`, `train_prior`.
+"""Training: ONE loop (`fit`) that every model goes through, and per model only what is its own (a `Stage`).
 
-Each loop keeps its split resident on the device as uint8, shuffles with a (seed, epoch) permutation,
-reads losses back to the host only every `log_every` steps, evaluates after every epoch, and writes
-`<name>_last.pt` (and, for the VQ-VAE, `vqvae_best.pt` by validation SSIM) atomically so that `resume=True`
-continues exactly where it stopped. Under torchrun each rank trains on its shard of the permutation and
-rank 0 alone logs and saves.
+    history = fit(stage, cfg, run_dir, resume)    # the loop: resume, DDP, LR schedule, progress, loss flush,
+                                                  # NaN stop, per-epoch evaluation, TensorBoard, checkpoints
+    model, history = train_vqvae(cfg, splits, run_dir, device)
+    prior, history = train_prior("pixelcnn", cfg, vqvae, splits, run_dir, device)
+
+A stage builds its networks and optimisers, turns a permutation slice into a batch, takes one step (losses
+stay on the device: the loop reads them back only every `log_every` steps) and evaluates itself after each
+epoch. Each split is resident on the device; every epoch is a (seed, epoch) permutation, so `resume=True`
+continues exactly where a run stopped. Under torchrun each rank trains on its shard of the permutation and
+rank 0 alone evaluates, logs and saves.
 """
 from __future__ import annotations
 
@@ -13,17 +18,18 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import figures
+import metrics
 from config import Config
 from dataset import Split, epoch_permutation, gather, to_float
-from evaluate import decode_indices, encode_split, evaluate_vqvae, evenly, fixed_noise, sample_gan
-from modules import VQVAE, CodeGenerator, Discriminator, PixelCNN
-from runs import (atomic_save, autocast, check_same_architecture, keep_freed_host_memory, load_checkpoint, load_state,
-                  pick_device, rng_state, seed_everything, set_rng_state, use_bf16)
-
+from evaluate import decode_indices, encode_split, evaluate_vqvae, evenly, fingerprint, sample_codes
+from modules import VQVAE, Discriminator, build_prior
+from runs import (atomic_save, autocast, barrier, check_same_architecture, checkpoint, checkpoint_path, dist_info,
+                  all_ranks_finite, keep_freed_host_memory, load_checkpoint, load_state, pick_device, seed_everything,
+                  set_rng_state, use_bf16)
 
 SHOWN = 64  # samples drawn after each epoch for TensorBoard and per-epoch code statistics
 
@@ -32,42 +38,152 @@ class TrainingDiverged(Exception):
     """The loss became NaN or infinite; the message names the last good checkpoint."""
 
 
-# ---------------------------------------------------------------- shared plumbing
+# ---------------------------------------------------------------- what a model contributes
 
-def dist_info() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+class Stage:
+    """One model's part in the loop. A subclass sets `name`, `loss_names`, `models`, `optimizers`, `lrs`
+    (base learning rate per optimiser), `epochs`, `batch_size`, `n_items`, and writes `batch`, `step` and
+    `evaluate`. `models` are what its checkpoint saves; `nets` what the step calls (DDP-wrapped under torchrun).
+    """
+    name: str
+    loss_names: tuple[str, ...]
+    seed_offset = 0          # shuffles differ between stages trained with the same seed
+    best_key: str | None = None  # a validation number whose maximum is also saved as <name>_best.pt
+    lr_schedule = "constant"
+
+    def __init__(self, cfg: Config, device: torch.device, bf16: bool):
+        self.cfg, self.device, self.bf16 = cfg, device, bf16
+        self.models: dict[str, torch.nn.Module] = {}
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.lrs: dict[str, float] = {}
+
+    def distribute(self) -> None:
+        """Wrap every trained network in DDP. Buffers are not broadcast: a critic runs several times before
+        one backward, and the quantizer keeps its own buffers in sync."""
+        self.nets = dict(self.models)
+        if dist_info()[1] > 1:
+            self.nets = {k: torch.nn.parallel.DistributedDataParallel(m, broadcast_buffers=False)
+                         for k, m in self.models.items() if any(p.requires_grad for p in m.parameters())}
+
+    def train(self) -> None:
+        for m in self.models.values():
+            m.train()
+
+    def state(self) -> dict:
+        """Extra entries of the checkpoint's state, checked by `resumable`."""
+        return {}
+
+    def resumable(self, ckpt: dict, path: Path) -> bool:
+        return True
+
+    def batch(self, idx: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def step(self, batch: torch.Tensor) -> torch.Tensor:
+        """One optimisation step; returns the losses named in `loss_names` as a device tensor."""
+        raise NotImplementedError
+
+    def evaluate(self, writer, step: int) -> dict:
+        """Rank 0, after each epoch: numbers for the history (and TensorBoard, which it writes itself)."""
+        raise NotImplementedError
 
 
-class NullWriter:
-    """Stands in for SummaryWriter on ranks that do not log."""
+# ---------------------------------------------------------------- the loop
 
-    def __getattr__(self, name):
-        return lambda *args, **kwargs: None
+def fit(stage: Stage, cfg: Config, run_dir, resume: bool = False) -> dict:
+    """Train `stage` for its epochs; returns its history
+    {"losses": loss names, "train": [[step, *losses], ...], "val": [{...} per epoch]}.
+
+    Writes `<name>_last.pt` after every epoch (and `<name>_best.pt` when `stage.best_key` improves), atomically,
+    with the layout of `runs.checkpoint`; `resume=True` continues from `<name>_last.pt` exactly.
+    """
+    rank = dist_info()[0]
+    last = checkpoint_path(run_dir, stage.name)
+    state = {"epoch": 0, "step": 0, "best": -math.inf,
+             "history": {"losses": list(stage.loss_names), "train": [], "val": []}}
+    if resume:
+        state = resume_stage(stage, cfg, last) or state
+    state.update(stage.state())
+    stage.distribute()
+    writer = make_writer(run_dir, rank)
+    try:
+        for epoch in range(state["epoch"], stage.epochs):
+            images_per_s = run_epoch(stage, state, epoch, writer, last)
+            state["epoch"] = epoch + 1
+            if rank == 0:
+                end_epoch(stage, cfg, state, writer, images_per_s, run_dir)
+            barrier()
+    finally:
+        writer.close()
+    return state["history"]
 
 
-def make_writer(run_dir: Path, rank: int):
-    if rank:
-        return NullWriter()
-    from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(log_dir=str(run_dir))
-
-
-def as_device(device) -> torch.device:
-    return pick_device(device) if isinstance(device, str) else torch.device(device)
-
-
-def rank_order(n: int, seed: int, epoch: int, device) -> torch.Tensor:
-    """This rank's shard of the epoch's permutation; every shard has the same length so no rank waits."""
+def run_epoch(stage: Stage, state: dict, epoch: int, writer, last: Path) -> float:
+    """One pass over this rank's shard of the epoch's permutation; returns training images/s (all ranks)."""
     rank, world = dist_info()
-    order = epoch_permutation(n, seed, epoch, device)
-    return order[: n - n % world][rank::world]
+    stage.train()
+    order = rank_order(stage.n_items, stage.cfg.seed + stage.seed_offset, epoch, stage.device)
+    steps = batch_slices(len(order), stage.batch_size)
+    pending, t0 = [], time.perf_counter()
+    bar = tqdm(steps, desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}", unit="batch", disable=rank > 0,
+               leave=False, dynamic_ncols=True)
+    for i, sl in enumerate(bar):
+        set_lrs(stage, state["step"], len(steps) * stage.epochs)
+        pending.append(stage.step(stage.batch(order[sl])))
+        state["step"] += 1
+        if len(pending) == stage.cfg.runtime.log_every or i == len(steps) - 1:
+            mean = flush_losses(pending, stage.loss_names, state["step"], writer, stage.name, last)
+            state["history"]["train"].append([state["step"], *mean])
+            rate = (i + 1) * (sl.stop - sl.start) * world / (time.perf_counter() - t0)
+            bar.set_postfix(**{stage.loss_names[0]: f"{mean[0]:.4f}"}, img_s=f"{rate:.0f}")
+    return len(steps) * (steps[0].stop - steps[0].start) * world / (time.perf_counter() - t0)
 
 
-def batch_slices(n: int, batch_size: int):
-    """Full batches only while training: a ragged last batch would skew BatchNorm and the EMA."""
-    return [slice(s, s + batch_size) for s in range(0, n - batch_size + 1, batch_size)] or [slice(0, n)]
+def end_epoch(stage: Stage, cfg: Config, state: dict, writer, images_per_s: float, run_dir) -> None:
+    """Rank 0: evaluate, log, and save `last` (and `best`) checkpoints."""
+    val = stage.evaluate(writer, state["step"])
+    val.update(epoch=state["epoch"], step=state["step"], images_per_s=images_per_s)
+    writer.add_scalar(f"perf/{stage.name}_images_per_s", images_per_s, state["step"])
+    state["history"]["val"].append(val)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in val.items() if k not in ("epoch", "step", "images_per_s"))
+    print(f"{stage.name} epoch {state['epoch']}/{stage.epochs}: {shown} ({images_per_s:.0f} img/s)")
+    ckpt = checkpoint(cfg, stage.models, stage.optimizers, state)
+    if stage.best_key and val[stage.best_key] > state["best"]:
+        state["best"] = val[stage.best_key]
+        atomic_save(ckpt, checkpoint_path(run_dir, stage.name, "best"))
+    atomic_save(ckpt, checkpoint_path(run_dir, stage.name))
+
+
+def resume_stage(stage: Stage, cfg: Config, path: Path) -> dict | None:
+    """Load `path` into the stage's models and optimisers; None when there is nothing (valid) to resume."""
+    if not path.exists():
+        return None
+    ckpt = load_checkpoint(path)
+    if not stage.resumable(ckpt, path):
+        return None
+    check_same_architecture(ckpt, cfg, path, stage.config_part)
+    for key, module in stage.models.items():
+        load_state(module, ckpt["models"][key], path)
+    for key, opt in stage.optimizers.items():
+        opt.load_state_dict(ckpt["optimizers"][key])
+    set_rng_state(ckpt["rng"])
+    return ckpt["state"]
+
+
+def set_lrs(stage: Stage, step: int, total_steps: int) -> None:
+    """Learning rates as a pure function of the step, so a resumed run follows the same curve."""
+    for name, opt in stage.optimizers.items():
+        lr = scheduled_lr(stage.lrs[name], stage.lr_schedule, step, total_steps)
+        for group in opt.param_groups:
+            group["lr"] = lr
+
+
+def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+    if schedule == "cosine":
+        return 0.5 * base_lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+    if schedule == "constant":
+        return base_lr
+    raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {schedule!r}")
 
 
 def flush_losses(pending: list, names: tuple, step: int, writer, prefix: str, last_good: Path) -> list[float]:
@@ -77,15 +193,14 @@ def flush_losses(pending: list, names: tuple, step: int, writer, prefix: str, la
     waiting for it in their next all-reduce.
     """
     values = torch.stack(pending).float()
-    finite = torch.isfinite(values).all().float()
-    if dist_info()[1] > 1:
-        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+    finite = all_ranks_finite(values)
     values = values.cpu()
-    if not finite.item():
+    if not finite:
         where = last_good if last_good.exists() else "none yet"
         bad = values[~torch.isfinite(values)]
         what = f"became {bad[0].item()}" if len(bad) else "became non-finite on another rank"
-        raise TrainingDiverged(f"{prefix} loss {what} near step {step}; last good checkpoint: {where}")
+        raise TrainingDiverged(f"{prefix} loss {what} near step {step}; last good checkpoint: {where}; "
+                               "resume with a smaller --lr (a flag given with --resume is kept in config.json)")
     first = step - len(values) + 1
     for i, row in enumerate(values.tolist()):
         for name, v in zip(names, row):
@@ -94,48 +209,35 @@ def flush_losses(pending: list, names: tuple, step: int, writer, prefix: str, la
     return values.mean(0).tolist()
 
 
-def fingerprint(vqvae: VQVAE) -> list[float]:
-    """A few numbers that change whenever the codebook does: a prior is only valid for its own VQ-VAE."""
-    codes = vqvae.quantizer.codebook.detach().double().cpu()
-    return [float(codes.sum()), float(codes.abs().sum()), float(codes[::7].pow(2).sum())]
+def rank_order(n: int, seed: int, epoch: int, device) -> torch.Tensor:
+    """This rank's shard of the epoch's permutation; every shard has the same length so no rank waits."""
+    rank, world = dist_info()
+    order = epoch_permutation(n, seed, epoch, device)
+    return order[: n - n % world][rank::world]
 
 
-def resume_from(path: Path, cfg: Config, part: str, modules: dict, optimizers: dict, vqvae=None) -> dict | None:
-    """Load a `last` checkpoint into modules and optimisers; None when there is none to resume, or when a
-    prior's checkpoint was trained on another VQ-VAE than `vqvae` (it then starts again)."""
-    if not path.exists():
-        return None
-    ckpt = load_checkpoint(path)
-    if vqvae is not None and ckpt["state"].get("vqvae") != fingerprint(vqvae):
-        print(f"{path.name} was trained on another VQ-VAE (it changed since): training this prior again")
-        return None
-    check_same_architecture(ckpt, cfg, path, part)
-    for key, module in modules.items():
-        load_state(module, ckpt[key], path)
-    for key, opt in optimizers.items():
-        opt.load_state_dict(ckpt[key])
-    set_rng_state(ckpt["rng"])
-    return ckpt["state"]
+def batch_slices(n: int, batch_size: int) -> list[slice]:
+    """Full batches only while training: a ragged last batch would skew BatchNorm and the EMA."""
+    return [slice(s, s + batch_size) for s in range(0, n - batch_size + 1, batch_size)] or [slice(0, n)]
 
 
-def adam(params, lr: float, device: torch.device, betas=(0.9, 0.999)):
-    return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
+class NullWriter:
+    """Stands in for SummaryWriter on ranks that do not log."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
 
 
-def set_lr(opt, base_lr: float, schedule: str, step: int, total_steps: int) -> None:
-    """Learning rate as a pure function of the step, so a resumed run follows the same curve."""
-    if schedule == "cosine":
-        lr = 0.5 * base_lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
-    elif schedule == "constant":
-        lr = base_lr
-    else:
-        raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {schedule!r}")
-    for group in opt.param_groups:
-        group["lr"] = lr
+def make_writer(run_dir, rank: int):
+    if rank:
+        return NullWriter()
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=str(run_dir))
 
 
 def setup(cfg: Config, device) -> tuple[torch.device, bool]:
-    device = as_device(device)
+    """Device flags, allocator and seed for one stage; returns (device, bf16)."""
+    device = pick_device(device) if isinstance(device, str) else torch.device(device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -144,71 +246,49 @@ def setup(cfg: Config, device) -> tuple[torch.device, bool]:
         keep_freed_host_memory()
     # Per-rank seeds: GAN noise and restart draws differ between ranks; weights and restarts are broadcast.
     seed_everything(cfg.seed + dist_info()[0])
-    return device, use_bf16(device, cfg.train.amp)
+    return device, use_bf16(device, cfg.runtime.amp)
+
+
+def adam(params, lr: float, device: torch.device, betas=(0.9, 0.999)):
+    return torch.optim.Adam(params, lr=lr, betas=betas, fused=device.type in ("cuda", "cpu"))
 
 
 # ---------------------------------------------------------------- VQ-VAE
 
+class VQVAEStage(Stage):
+    name, loss_names, config_part, best_key = "vqvae", ("loss", "recon_mse", "vq_loss"), "model", "ssim"
+
+    def __init__(self, cfg: Config, data: dict[str, Split], device, bf16: bool):
+        super().__init__(cfg, device, bf16)
+        self.model = VQVAE(cfg.model).to(device, memory_format=torch.channels_last)
+        self.models = {"vqvae": self.model}
+        self.optimizers = {"adam": adam(self.model.parameters(), cfg.train.lr, device)}
+        self.lrs = {"adam": cfg.train.lr}
+        self.epochs, self.batch_size, self.lr_schedule = cfg.train.epochs, cfg.train.batch_size, cfg.train.lr_schedule
+        self.model.quantizer.distributed = dist_info()[1] > 1
+        compile_convs(self.model, cfg.runtime.compile)
+        self.train_u8, self.val_u8 = data["train"].images.to(device), data["validate"].images.to(device)
+        self.n_items = len(self.train_u8)
+        self.shown = evenly(self.val_u8, cfg.train.eval_images)
+
+    def batch(self, idx):
+        return training_batch(self.train_u8, idx)
+
+    def step(self, x):
+        return vqvae_step(self.nets["vqvae"], self.optimizers["adam"], x, self.device, self.bf16)
+
+    def evaluate(self, writer, step):
+        val = evaluate_vqvae(self.model, self.val_u8, max(self.batch_size, 64), self.device, self.bf16)
+        log_reconstructions(writer, self.model, val, self.shown, self.device, self.bf16, step)
+        return val
+
+
 def train_vqvae(cfg: Config, data: dict[str, Split], run_dir, device="auto", resume: bool = False):
     """Train the VQ-VAE on data["train"], evaluating on data["validate"] after every epoch.
-
-    Returns (model, history) with history = {"train": [[step, loss, recon_mse, vq_loss], ...],
-    "val": [{"epoch", "step", "mse", "ssim", "psnr", "codebook_usage", "perplexity", "images_per_s"}, ...]}.
-    """
+    Returns (model, history); history["val"] holds mse, ssim, psnr, codebook_usage, perplexity per epoch."""
     device, bf16 = setup(cfg, device)
-    rank, world = dist_info()
-    run_dir = Path(run_dir)
-    last, best = run_dir / "vqvae_last.pt", run_dir / "vqvae_best.pt"
-    model = VQVAE(cfg.model).to(device, memory_format=torch.channels_last)
-    opt = adam(model.parameters(), cfg.train.lr, device)
-    state = {"epoch": 0, "step": 0, "best_ssim": -1.0, "history": {"train": [], "val": []}}
-    if resume:
-        state = resume_from(last, cfg, "model", {"model": model}, {"optimizer": opt}) or state
-    net = model
-    if world > 1:  # codebook buffers are kept in sync by the quantizer itself, not by DDP
-        net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
-    compile_convs(model, cfg.train.compile)
-
-    train_u8, val_u8 = data["train"].images.to(device), data["validate"].images.to(device)
-    shown = evenly(val_u8, cfg.train.eval_images)
-    writer = make_writer(run_dir, rank)
-    bs = cfg.train.batch_size
-    for epoch in range(state["epoch"], cfg.train.epochs):
-        model.train()
-        order = rank_order(len(train_u8), cfg.seed, epoch, device)
-        steps = batch_slices(len(order), bs)
-        pending, t0 = [], time.perf_counter()
-        bar = tqdm(steps, desc=f"vqvae epoch {epoch + 1}/{cfg.train.epochs}", unit="batch", disable=rank > 0,
-                   leave=False, dynamic_ncols=True)
-        for i, sl in enumerate(bar):
-            set_lr(opt, cfg.train.lr, cfg.train.lr_schedule, state["step"], len(steps) * cfg.train.epochs)
-            x = training_batch(train_u8, order[sl])
-            pending.append(vqvae_step(net, opt, x, device, bf16))
-            state["step"] += 1
-            if len(pending) == cfg.train.log_every or i == len(steps) - 1:
-                mean = flush_losses(pending, ("loss", "recon_mse", "vq_loss"), state["step"], writer, "vqvae", last)
-                state["history"]["train"].append([state["step"], *mean])
-                rate = (i + 1) * len(x) * world / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{mean[0]:.4f}", img_s=f"{rate:.0f}")
-        images_per_s = len(steps) * bs * world / (time.perf_counter() - t0)
-        state["epoch"] = epoch + 1
-        if rank == 0:
-            val = evaluate_vqvae(model, val_u8, max(bs, 64), device, bf16)
-            val.update(epoch=epoch + 1, step=state["step"], images_per_s=images_per_s)
-            state["history"]["val"].append(val)
-            log_vqvae_epoch(writer, model, val, shown, device, bf16, state["step"])
-            print(f"vqvae epoch {epoch + 1}/{cfg.train.epochs}: val ssim {val['ssim']:.4f} psnr {val['psnr']:.2f} "
-                  f"usage {val['codebook_usage']:.0%} perplexity {val['perplexity']:.0f} ({images_per_s:.0f} img/s)")
-            ckpt = {"config": cfg.to_dict(), "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "state": state, "rng": rng_state()}
-            if val["ssim"] > state["best_ssim"]:
-                state["best_ssim"] = val["ssim"]
-                atomic_save(ckpt, best)
-            atomic_save(ckpt, last)
-        if world > 1:
-            dist.barrier()
-    writer.close()
-    return model, state["history"]
+    stage = VQVAEStage(cfg, data, device, bf16)
+    return stage.model, fit(stage, cfg, run_dir, resume)
 
 
 def compile_convs(model: VQVAE, backend: str) -> None:
@@ -237,24 +317,64 @@ def vqvae_step(net, opt, x: torch.Tensor, device, bf16: bool) -> torch.Tensor:
 
 
 @torch.no_grad()
-def log_vqvae_epoch(writer, model, val: dict, shown_u8, device, bf16: bool, step: int) -> None:
-    from figures import grid, index_map_rgb
-
+def log_reconstructions(writer, model, val: dict, shown_u8, device, bf16: bool, step: int) -> None:
     for key in ("mse", "ssim", "psnr", "codebook_usage", "perplexity"):
         writer.add_scalar(f"val/{key}", val[key], step)
-    writer.add_scalar("perf/images_per_s", val["images_per_s"], step)
     model.eval()
     x = to_float(shown_u8)
     with autocast(device, bf16):
         recon, _, idx = model(x)
     model.train()
     writer.add_image("val/originals_over_reconstructions",
-                     grid(torch.cat([x, recon.float().clamp(0, 1)]), nrow=len(x)), step, dataformats="HW")
-    writer.add_image("val/code_indices", index_map_rgb(idx[0], model.cfg.num_codes), step, dataformats="HWC")
+                     figures.grid(torch.cat([x, recon.float().clamp(0, 1)]), nrow=len(x)), step)
+    writer.add_image("val/code_indices", figures.index_map_rgb(idx[0], model.cfg.num_codes), step, dataformats="HWC")
     writer.add_histogram("val/code_use", idx.flatten().float().cpu(), step, bins=min(model.cfg.num_codes, 512))
 
 
-# ---------------------------------------------------------------- GAN over code maps
+# ---------------------------------------------------------------- priors over the frozen VQ-VAE's code maps
+
+class PriorStage(Stage):
+    """What every prior shares: the frozen VQ-VAE, the encoded splits, per-epoch samples and code statistics.
+    A prior adds its networks and optimisers (the sampling network saved as models["prior"]), `step` on a
+    batch of index maps, and optionally `extra_metrics`."""
+
+    def __init__(self, cfg: Config, vqvae: VQVAE, data: dict[str, Split], device, bf16: bool):
+        super().__init__(cfg, device, bf16)
+        self.part = getattr(cfg, self.name)
+        self.config_part = self.name
+        self.epochs, self.batch_size = self.part.epochs, self.part.batch_size
+        self.vqvae = frozen(vqvae.to(device))
+        self.prior = build_prior(self.name, cfg).to(device)
+        self.train_idx = encode_split(self.vqvae, data["train"].images, 256, device, bf16)
+        self.val_idx = encode_split(self.vqvae, data["validate"].images, 256, device, bf16)
+        self.n_items = len(self.train_idx)
+
+    def state(self):
+        return {"vqvae": fingerprint(self.vqvae)}
+
+    def resumable(self, ckpt, path):
+        if ckpt["state"].get("vqvae") != fingerprint(self.vqvae):
+            print(f"{path.name} was trained on another VQ-VAE (it changed since): training this prior again")
+            return False
+        return True
+
+    def batch(self, idx):
+        return self.train_idx[idx].long()
+
+    def extra_metrics(self) -> dict:
+        return {}
+
+    def evaluate(self, writer, step):
+        val = self.extra_metrics()
+        # Same seed every epoch, so the grids show the model changing rather than the noise.
+        idx = sample_codes(self.prior, min(self.cfg.n_samples, SHOWN), self.cfg.seed, self.device, self.part)
+        val.update(code_statistics(idx, self.val_idx, self.cfg.model.num_codes))
+        for key, value in val.items():
+            writer.add_scalar(f"{self.name}/{key}", value, step)
+        samples = decode_indices(self.vqvae, idx, bf16=self.bf16)
+        writer.add_image(f"{self.name}/samples", figures.grid(samples), step)
+        return val
+
 
 def frozen(vqvae: VQVAE) -> VQVAE:
     vqvae.eval()
@@ -262,78 +382,43 @@ def frozen(vqvae: VQVAE) -> VQVAE:
     return vqvae
 
 
-def train_gan(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device="auto", resume: bool = False):
-    """Train a DCGAN on the frozen VQ-VAE's code maps of data["train"].
-
-    Real maps are codebook lookups of the encoded training split; fake maps are always snapped to the
-    codebook (see `CodeGenerator`), so the discriminator cannot tell them apart by being off-codebook.
-    Returns (generator, history) with history = {"train": [[step, loss_d, loss_g, d_real, d_fake], ...],
-    "val": [{"epoch", "step", "code_js", ...}, ...]}.
-    """
-    device, bf16 = setup(cfg, device)
-    rank, world = dist_info()
-    run_dir = Path(run_dir)
-    last = run_dir / "gan_last.pt"
-    vqvae = frozen(vqvae.to(device))
-    g_cfg, m_cfg = cfg.gan, cfg.model
-    gen = CodeGenerator(g_cfg, m_cfg).to(device)
-    disc = Discriminator(g_cfg, m_cfg.latent_size, m_cfg.code_dim).to(device)
-    opt_g = adam(gen.parameters(), g_cfg.lr, device, (g_cfg.beta1, g_cfg.beta2))
-    opt_d = adam(disc.parameters(), g_cfg.lr, device, (g_cfg.beta1, g_cfg.beta2))
-    state = {"epoch": 0, "step": 0, "history": {"train": [], "val": []}}
-    if resume:
-        state = resume_from(last, cfg, "gan", {"model": gen, "discriminator": disc},
-                            {"opt_g": opt_g, "opt_d": opt_d}, vqvae) or state
-    state["vqvae"] = fingerprint(vqvae)
-    g_net, d_net = gen, disc
-    if world > 1:
-        # D runs twice before one backward: broadcasting BatchNorm buffers in between breaks autograd on CUDA.
-        g_net = torch.nn.parallel.DistributedDataParallel(gen, broadcast_buffers=False)
-        d_net = torch.nn.parallel.DistributedDataParallel(disc, broadcast_buffers=False)
-
-    real_idx = encode_split(vqvae, data["train"].images, 256, device, bf16)
-    val_idx = encode_split(vqvae, data["validate"].images, 256, device, bf16)
-    noise_fixed = fixed_noise(min(cfg.n_samples, SHOWN), g_cfg.noise_dim, cfg.seed, device)
-    writer = make_writer(run_dir, rank)
-    for epoch in range(state["epoch"], g_cfg.epochs):
-        gen.train(), disc.train()
-        order = rank_order(len(real_idx), cfg.seed + 1, epoch, device)
-        steps = batch_slices(len(order), g_cfg.batch_size)
-        pending = []
-        bar = tqdm(steps, desc=f"gan epoch {epoch + 1}/{g_cfg.epochs}", unit="batch", disable=rank > 0,
-                   leave=False, dynamic_ncols=True)
-        for i, sl in enumerate(bar):
-            real = vqvae.quantizer.lookup(real_idx[order[sl]].long())
-            pending.append(gan_step(g_net, d_net, opt_g, opt_d, real, vqvae.quantizer, g_cfg.noise_dim, device, bf16,
-                                    g_cfg.real_label))
-            state["step"] += 1
-            if len(pending) == cfg.train.log_every or i == len(steps) - 1:
-                mean = flush_losses(pending, ("loss_d", "loss_g", "d_real", "d_fake"), state["step"], writer, "gan", last)
-                state["history"]["train"].append([state["step"], *mean])
-                bar.set_postfix(loss_d=f"{mean[0]:.3f}", loss_g=f"{mean[1]:.3f}")
-        state["epoch"] = epoch + 1
-        if rank == 0:
-            idx = sample_gan(gen, vqvae, noise_fixed)
-            val = evaluate_codes(idx, val_idx, m_cfg.num_codes)
-            val.update(epoch=epoch + 1, step=state["step"])
-            state["history"]["val"].append(val)
-            log_samples(writer, "gan", vqvae, idx, val, state["step"], bf16)
-            atomic_save({"config": cfg.to_dict(), "model": gen.state_dict(), "discriminator": disc.state_dict(),
-                         "opt_g": opt_g.state_dict(), "opt_d": opt_d.state_dict(), "state": state,
-                         "rng": rng_state()}, last)
-        if world > 1:
-            dist.barrier()
-    writer.close()
-    return gen, state["history"]
+def code_statistics(idx: torch.Tensor, real_idx: torch.Tensor, num_codes: int) -> dict:
+    """Cheap per-epoch check of generated index maps: code histogram distance to real maps, codes used."""
+    counts = torch.bincount(idx.flatten().long(), minlength=num_codes)
+    return {"code_js": metrics.code_histogram_distance(idx.cpu(), real_idx.cpu(), num_codes),
+            "codes_used": metrics.code_usage(counts.cpu())}
 
 
-def gan_step(g_net, d_net, opt_g, opt_d, real: torch.Tensor, quantizer, noise_dim: int, device,
-             bf16: bool, real_label: float = 1.0) -> torch.Tensor:
+class GANStage(PriorStage):
+    """The report's DCGAN over code maps: BCE, one D step then one G step per batch."""
+    name, loss_names, seed_offset = "gan", ("loss_d", "loss_g", "d_real", "d_fake"), 1
+
+    def __init__(self, cfg, vqvae, data, device, bf16):
+        super().__init__(cfg, vqvae, data, device, bf16)
+        g = self.part
+        self.prior.codebook.copy_(self.vqvae.quantizer.codebook)
+        self.critic = Discriminator(g, cfg.model.latent_size, cfg.model.code_dim).to(device)
+        self.models = {"prior": self.prior, "critic": self.critic}
+        self.optimizers = {"prior": adam(self.prior.parameters(), g.lr, device, (g.beta1, g.beta2)),
+                           "critic": adam(self.critic.parameters(), g.lr, device, (g.beta1, g.beta2))}
+        self.lrs = {"prior": g.lr, "critic": g.lr}
+
+    def batch(self, idx):
+        return self.vqvae.quantizer.lookup(self.train_idx[idx].long())
+
+    def step(self, real):
+        return gan_step(self.nets["prior"], self.nets["critic"], self.optimizers["prior"],
+                        self.optimizers["critic"], real, self.part.noise_dim, self.device, self.bf16,
+                        self.part.real_label)
+
+
+def gan_step(g_net, d_net, opt_g, opt_d, real: torch.Tensor, noise_dim: int, device, bf16: bool,
+             real_label: float = 1.0) -> torch.Tensor:
     """One D step on real and detached fake maps, then one G step; returns (loss_d, loss_g, D(real), D(fake))."""
     bce = F.binary_cross_entropy_with_logits
     noise = torch.randn(len(real), noise_dim, device=device)
     with autocast(device, bf16):
-        fake, _ = g_net(noise, quantizer)
+        fake, _ = g_net(noise)
         d_real, d_fake = d_net(real).float(), d_net(fake.detach()).float()
     loss_d = bce(d_real, torch.full_like(d_real, real_label)) + bce(d_fake, torch.zeros_like(d_fake))
     opt_d.zero_grad(set_to_none=True)
@@ -349,25 +434,29 @@ def gan_step(g_net, d_net, opt_g, opt_d, real: torch.Tensor, quantizer, noise_di
                         torch.sigmoid(d_real).mean().detach(), torch.sigmoid(d_fake).mean().detach()])
 
 
-def evaluate_codes(idx: torch.Tensor, real_idx: torch.Tensor, num_codes: int) -> dict:
-    """Cheap per-epoch check of generated index maps: code histogram distance to real maps, codes used."""
-    import metrics
+class PixelCNNStage(PriorStage):
+    """Gated PixelCNN by maximum likelihood; reports validation bits per code."""
+    name, loss_names, seed_offset = "pixelcnn", ("loss",), 2
 
-    counts = torch.bincount(idx.flatten().long(), minlength=num_codes)
-    return {"code_js": metrics.code_histogram_distance(idx.cpu(), real_idx.cpu(), num_codes),
-            "codes_used": metrics.code_usage(counts.cpu())}
+    def __init__(self, cfg, vqvae, data, device, bf16):
+        super().__init__(cfg, vqvae, data, device, bf16)
+        self.models = {"prior": self.prior}
+        self.optimizers = {"adam": adam(self.prior.parameters(), self.part.lr, device)}
+        self.lrs = {"adam": self.part.lr}
 
+    def step(self, target):
+        with autocast(self.device, self.bf16):
+            logits = self.nets["prior"](target)
+        loss = F.cross_entropy(logits.float(), target)
+        opt = self.optimizers["adam"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()[None]
 
-def log_samples(writer, prefix: str, vqvae, idx: torch.Tensor, val: dict, step: int, bf16: bool) -> None:
-    from figures import grid
-
-    for key, value in val.items():
-        if key not in ("epoch", "step"):
-            writer.add_scalar(f"{prefix}/{key}", value, step)
-    writer.add_image(f"{prefix}/samples", grid(decode_indices(vqvae, idx, bf16=bf16)), step, dataformats="HW")
-
-
-# ---------------------------------------------------------------- PixelCNN prior over code maps
+    def extra_metrics(self):
+        return {"val_bits_per_code": bits_per_code(self.prior, self.val_idx, max(self.batch_size, 64), self.device,
+                                                   self.bf16)}
 
 
 @torch.no_grad()
@@ -385,67 +474,13 @@ def bits_per_code(prior, idx: torch.Tensor, batch_size: int, device, bf16: bool)
     return float(total) / (idx.numel() * math.log(2))
 
 
-def train_prior(cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device="auto", resume: bool = False):
-    """Train a gated PixelCNN on the frozen VQ-VAE's code maps of data["train"] by maximum likelihood.
+STAGES = {"gan": GANStage, "pixelcnn": PixelCNNStage}
 
-    Returns (prior, history) with history = {"train": [[step, loss], ...],
-    "val": [{"epoch", "step", "val_bits_per_code", "code_js", "codes_used"}, ...]}.
-    """
+
+def train_prior(name: str, cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device="auto",
+                resume: bool = False):
+    """Train the prior `name` (one of config.PRIORS) on the frozen VQ-VAE's code maps of data["train"].
+    Returns (prior, history)."""
     device, bf16 = setup(cfg, device)
-    rank, world = dist_info()
-    run_dir = Path(run_dir)
-    last = run_dir / "pixelcnn_last.pt"
-    vqvae = frozen(vqvae.to(device))
-    p_cfg, m_cfg = cfg.prior, cfg.model
-    prior = PixelCNN(p_cfg, m_cfg).to(device)
-    opt = adam(prior.parameters(), p_cfg.lr, device)
-    state = {"epoch": 0, "step": 0, "history": {"train": [], "val": []}}
-    if resume:
-        state = resume_from(last, cfg, "prior", {"model": prior}, {"optimizer": opt}, vqvae) or state
-    state["vqvae"] = fingerprint(vqvae)
-    net = prior
-    if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(prior)
-
-    train_idx = encode_split(vqvae, data["train"].images, 256, device, bf16)
-    val_idx = encode_split(vqvae, data["validate"].images, 256, device, bf16)
-    writer = make_writer(run_dir, rank)
-    for epoch in range(state["epoch"], p_cfg.epochs):
-        prior.train()
-        order = rank_order(len(train_idx), cfg.seed + 2, epoch, device)
-        steps = batch_slices(len(order), p_cfg.batch_size)
-        pending = []
-        bar = tqdm(steps, desc=f"prior epoch {epoch + 1}/{p_cfg.epochs}", unit="batch", disable=rank > 0,
-                   leave=False, dynamic_ncols=True)
-        for i, sl in enumerate(bar):
-            target = train_idx[order[sl]].long()
-            with autocast(device, bf16):
-                logits = net(target)
-            loss = F.cross_entropy(logits.float(), target)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            state["step"] += 1
-            pending.append(loss.detach()[None])
-            if len(pending) == cfg.train.log_every or i == len(steps) - 1:
-                mean = flush_losses(pending, ("loss",), state["step"], writer, "prior", last)
-                state["history"]["train"].append([state["step"], *mean])
-                bar.set_postfix(loss=f"{mean[0]:.3f}")
-        state["epoch"] = epoch + 1
-        if rank == 0:
-            val = {"val_bits_per_code": bits_per_code(prior, val_idx, max(p_cfg.batch_size, 64), device, bf16)}
-            # Same seed every epoch, so the grids show the model changing rather than the noise; fp32, as
-            # bf16 autocast measured slower for the many small steps of sampling on the CPU.
-            idx = prior.sample(min(cfg.n_samples, SHOWN), torch.Generator().manual_seed(cfg.seed), p_cfg.temperature,
-                               p_cfg.top_k)
-            val.update(evaluate_codes(idx, val_idx, m_cfg.num_codes), epoch=epoch + 1, step=state["step"])
-            state["history"]["val"].append(val)
-            log_samples(writer, "prior", vqvae, idx, val, state["step"], bf16)
-            print(f"prior epoch {epoch + 1}/{p_cfg.epochs}: val {val['val_bits_per_code']:.3f} bits/code, "
-                  f"sample code JS {val['code_js']:.3f}, codes used {val['codes_used']:.0%}")
-            atomic_save({"config": cfg.to_dict(), "model": prior.state_dict(), "optimizer": opt.state_dict(),
-                         "state": state, "rng": rng_state()}, last)
-        if world > 1:
-            dist.barrier()
-    writer.close()
-    return prior, state["history"]
+    stage = STAGES[name](cfg, vqvae, data, device, bf16)
+    return stage.prior, fit(stage, cfg, run_dir, resume)

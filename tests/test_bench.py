@@ -47,7 +47,7 @@ def check_result(r: dict, preset: str) -> None:
 
 def test_bench_preset_tiny_bf16(png_root, tmp_path):
     cfg = config.preset("tiny")
-    cfg.train.amp = "bf16"  # the bf16 autocast + channels_last path, on the CPU too
+    cfg.runtime.amp = "bf16"  # the bf16 autocast + channels_last path, on the CPU too
     r = bench.bench_preset(cfg, "cpu", png_root / split_folder_name("train"), tmp_path / "cache", steps=2,
                            baseline_steps=2, baseline_items=16, warmup=1, peak=(1.0, "test"))
     check_result(r, "tiny")

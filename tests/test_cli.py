@@ -92,7 +92,8 @@ def test_generate_is_deterministic_for_a_seed(run, tmp_path):
                              "--seed", "5", "--device", "cpu"]) == 0
     assert (tmp_path / "a" / "grid.png").is_file()
     for i in range(3):
-        assert (tmp_path / "a" / f"sample_{i:04d}.png").read_bytes() == (tmp_path / "b" / f"sample_{i:04d}.png").read_bytes()
+        name = f"sample_{i:04d}.png"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
     assert predict.main(["generate", "--run", str(run_dir), "--n", "2", "--out", str(tmp_path / "g"),
                          "--prior", "gan", "--device", "cpu"]) == 0
 
@@ -169,12 +170,16 @@ def test_driver_rejects_impossible_numbers(argv, capsys):
 
 
 def test_resumed_prior_choice_is_the_runs_generation(tmp_path):
-    # Trained with the GAN, then resumed with both priors: config.json now names the PixelCNN, and
-    # metrics.json's `generation` must follow it rather than the VQ-VAE checkpoint's older config.
+    # Trained with the GAN, then resumed with the PixelCNN: config.json now names the PixelCNN, and
+    # metrics.json's `generation` and predict.py's default must follow it rather than the VQ-VAE checkpoint's
+    # older config; `--prior all` afterwards trains every prior and keeps the run's generator.
     data = tmp_path / "data"
     write_synthetic_dataset(data, cases=(2, 1, 1), size=32, progress=False)
     base = ["--data-dir", str(data), "--preset", "tiny", "--run-dir", str(tmp_path / "run"), "--device", "cpu"]
-    assert driver.main(base) == 0
-    assert driver.main(base + ["--resume", "--prior", "both"]) == 0
+    assert driver.main(base + ["--prior", "gan"]) == 0
+    assert driver.main(base + ["--resume", "--prior", "pixelcnn"]) == 0
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["generation"] == m["generation_pixelcnn"] and m["prior"] == "pixelcnn"
+    assert driver.main(base + ["--resume", "--prior", "all"]) == 0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["generation"] == m["generation_pixelcnn"] != m["generation_gan"]

@@ -7,7 +7,7 @@ from test_vqvae import blob_split, tiny
 from config import preset
 from evaluate import sample_codes
 from modules import VQVAE, CodeGenerator, Discriminator
-from train import train_gan, train_vqvae
+from train import train_prior, train_vqvae
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,10 @@ def test_generated_maps_are_exact_codebook_vectors(trained, head):
     vqvae, _ = trained
     cfg = preset("tiny")
     gen = CodeGenerator(dataclasses.replace(cfg.gan, head=head), cfg.model)
+    gen.codebook.copy_(vqvae.quantizer.codebook)
     for mode in (gen.train, gen.eval):
         mode()
-        maps, idx = gen(torch.randn(4, cfg.gan.noise_dim), vqvae.quantizer)
+        maps, idx = gen(torch.randn(4, cfg.gan.noise_dim))
         assert torch.equal(maps, vqvae.quantizer.lookup(idx))
 
 
@@ -33,21 +34,21 @@ def test_generator_gets_gradients_through_the_snap(trained, head):
     vqvae, _ = trained
     cfg = preset("tiny")
     gen = CodeGenerator(dataclasses.replace(cfg.gan, head=head), cfg.model).train()
-    vqvae.zero_grad(set_to_none=True)  # left over from its own training
+    gen.codebook.copy_(vqvae.quantizer.codebook)
     disc = Discriminator(cfg.gan, cfg.model.latent_size, cfg.model.code_dim)
-    maps, _ = gen(torch.randn(4, cfg.gan.noise_dim), vqvae.quantizer)
+    maps, _ = gen(torch.randn(4, cfg.gan.noise_dim))
     disc(maps).sum().backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters() if p.ndim > 1)
-    assert all(p.grad is None for p in vqvae.parameters())
 
 
 def test_sampling_is_deterministic_for_a_seed(trained):
     vqvae, _ = trained
     cfg = preset("tiny")
     gen = CodeGenerator(cfg.gan, cfg.model)
-    a = sample_codes(gen, vqvae, 5, seed=3, device=torch.device("cpu"), cfg=cfg)
-    b = sample_codes(gen, vqvae, 5, seed=3, device=torch.device("cpu"), cfg=cfg)
-    c = sample_codes(gen, vqvae, 5, seed=4, device=torch.device("cpu"), cfg=cfg)
+    gen.codebook.copy_(vqvae.quantizer.codebook)
+    a = sample_codes(gen, 5, seed=3, device=torch.device("cpu"), settings=cfg.gan)
+    b = sample_codes(gen, 5, seed=3, device=torch.device("cpu"), settings=cfg.gan)
+    c = sample_codes(gen, 5, seed=4, device=torch.device("cpu"), settings=cfg.gan)
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -56,9 +57,9 @@ def test_gan_resume_matches_an_uninterrupted_run(trained, tmp_path):
     cfg = tiny()
     full_cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, epochs=2))
     cut_cfg = dataclasses.replace(cfg, gan=dataclasses.replace(cfg.gan, epochs=1))
-    full, _ = train_gan(full_cfg, vqvae, data, tmp_path / "full", "cpu")
-    train_gan(cut_cfg, vqvae, data, tmp_path / "cut", "cpu")
-    resumed, history = train_gan(full_cfg, vqvae, data, tmp_path / "cut", "cpu", resume=True)
+    full, _ = train_prior("gan", full_cfg, vqvae, data, tmp_path / "full", "cpu")
+    train_prior("gan", cut_cfg, vqvae, data, tmp_path / "cut", "cpu")
+    resumed, history = train_prior("gan", full_cfg, vqvae, data, tmp_path / "cut", "cpu", resume=True)
     assert [v["epoch"] for v in history["val"]] == [1, 2]
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
@@ -69,7 +70,7 @@ def test_discriminator_and_generator_sizes_follow_any_grid():
     for grid in (4, 8, 16, 64):
         model_cfg = dataclasses.replace(cfg.model, image_size=grid * 4)
         gen = CodeGenerator(cfg.gan, model_cfg)
-        maps, idx = gen(torch.randn(2, cfg.gan.noise_dim), VQVAE(model_cfg).quantizer)
+        maps, idx = gen(torch.randn(2, cfg.gan.noise_dim))
         assert maps.shape == (2, model_cfg.code_dim, grid, grid) and idx.shape == (2, grid, grid)
         assert Discriminator(cfg.gan, grid, model_cfg.code_dim)(maps).shape == (2,)
     with pytest.raises(ValueError):
@@ -79,10 +80,10 @@ def test_discriminator_and_generator_sizes_follow_any_grid():
 def test_prior_checkpoint_of_another_vqvae_is_not_resumed(trained, tmp_path):
     vqvae, data = trained
     cfg = tiny()
-    train_gan(cfg, vqvae, data, tmp_path, "cpu")
+    train_prior("gan", cfg, vqvae, data, tmp_path, "cpu")
     other = VQVAE(cfg.model)
     other.quantizer.codebook.add_(1.0)  # a VQ-VAE whose codebook changed since
-    _, history = train_gan(cfg, other.eval(), data, tmp_path, "cpu", resume=True)
+    _, history = train_prior("gan", cfg, other.eval(), data, tmp_path, "cpu", resume=True)
     assert [v["epoch"] for v in history["val"]] == [1, 2]  # trained again, not skipped as finished
-    _, history = train_gan(cfg, other.eval(), data, tmp_path, "cpu", resume=True)
+    _, history = train_prior("gan", cfg, other.eval(), data, tmp_path, "cpu", resume=True)
     assert [v["epoch"] for v in history["val"]] == [1, 2]  # now its own: nothing left to do

@@ -19,7 +19,7 @@ def cfg():
 
 def make_prior(cfg, seed=0):
     torch.manual_seed(seed)
-    prior = PixelCNN(cfg.prior, cfg.model).eval()
+    prior = PixelCNN(cfg.pixelcnn, cfg.model).eval()
     torch.nn.init.normal_(prior.pos)  # starts at zero; make it matter, so that its slicing is tested too
     return prior
 
@@ -106,8 +106,10 @@ def test_loss_falls_on_a_tiny_grid(cfg):
 
 def tiny_data(n):
     g = torch.Generator().manual_seed(n)
-    split = lambda m: Split(torch.randint(0, 256, (m, 1, 32, 32), dtype=torch.uint8, generator=g),
-                            [f"case_{i}_slice_0.nii.png" for i in range(m)], None)
+
+    def split(m):
+        return Split(torch.randint(0, 256, (m, 1, 32, 32), dtype=torch.uint8, generator=g),
+                     [f"case_{i}_slice_0.nii.png" for i in range(m)], None)
     return {"train": split(n), "validate": split(8)}
 
 
@@ -115,25 +117,26 @@ def test_train_prior_runs_resumes_and_reloads(cfg, tmp_path):
     torch.manual_seed(0)
     vqvae = VQVAE(cfg.model)
     data = tiny_data(24)
-    prior, history = train_prior(cfg, vqvae, data, tmp_path, device="cpu")
+    prior, history = train_prior("pixelcnn", cfg, vqvae, data, tmp_path, device="cpu")
     assert [v["epoch"] for v in history["val"]] == [1, 2]
     assert {"val_bits_per_code", "code_js", "codes_used", "step"} <= set(history["val"][0])
-    assert history["train"][-1][0] == history["val"][-1]["step"] == 2 * (24 // cfg.prior.batch_size)
+    assert history["train"][-1][0] == history["val"][-1]["step"] == 2 * (24 // cfg.pixelcnn.batch_size)
 
     ckpt = load_checkpoint(tmp_path / "pixelcnn_last.pt")
-    assert set(ckpt) == {"config", "model", "optimizer", "state", "rng"} and ckpt["state"]["epoch"] == 2
-    fresh = PixelCNN(cfg.prior, cfg.model)
-    fresh.load_state_dict(ckpt["model"])
+    assert set(ckpt) == {"config", "models", "optimizers", "state", "rng"} and ckpt["state"]["epoch"] == 2
+    fresh = PixelCNN(cfg.pixelcnn, cfg.model)
+    fresh.load_state_dict(ckpt["models"]["prior"])
     idx = torch.randint(0, cfg.model.num_codes, (2, 8, 8))
     prior.eval(), fresh.eval()
     assert torch.equal(prior(idx), fresh(idx))
 
-    more = dataclasses.replace(cfg, prior=dataclasses.replace(cfg.prior, epochs=3))
-    _, resumed = train_prior(more, vqvae, data, tmp_path, device="cpu", resume=True)
+    more = dataclasses.replace(cfg, pixelcnn=dataclasses.replace(cfg.pixelcnn, epochs=3))
+    _, resumed = train_prior("pixelcnn", more, vqvae, data, tmp_path, device="cpu", resume=True)
     assert [v["epoch"] for v in resumed["val"]] == [1, 2, 3]
     assert resumed["val"][:2] == history["val"]
-    assert resumed["val"][2]["step"] == 3 * (24 // cfg.prior.batch_size)
+    assert resumed["val"][2]["step"] == 3 * (24 // cfg.pixelcnn.batch_size)
 
-    straight, _ = train_prior(more, vqvae, data, tmp_path / "straight", device="cpu")
-    for a, b in zip(straight.state_dict().values(), load_checkpoint(tmp_path / "pixelcnn_last.pt")["model"].values()):
+    straight, _ = train_prior("pixelcnn", more, vqvae, data, tmp_path / "straight", device="cpu")
+    saved = load_checkpoint(tmp_path / "pixelcnn_last.pt")["models"]["prior"]
+    for a, b in zip(straight.state_dict().values(), saved.values()):
         assert torch.equal(a, b)  # resuming is exact: the same weights as one uninterrupted run

@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from config import preset
 from dataset import Split
 from modules import VQVAE, ConvTranspose2d, VectorQuantizer
-from runs import RunError, load_vqvae
+from evaluate import load_vqvae
+from runs import RunError
 from train import TrainingDiverged, train_vqvae
 
 
@@ -119,9 +120,10 @@ def data():
     return {"train": blob_split(64), "validate": blob_split(16, seed=1), "test": blob_split(16, seed=2)}
 
 
-def tiny(**train):
+def tiny(amp: str = "off", compile: str = "off", **train):
     cfg = preset("tiny")
-    cfg.train = dataclasses.replace(cfg.train, **{"amp": "off", **train})
+    cfg.train = dataclasses.replace(cfg.train, **train)
+    cfg.runtime = dataclasses.replace(cfg.runtime, amp=amp, compile=compile)
     return cfg
 
 
@@ -184,7 +186,7 @@ def test_tensorboard_holds_scalars_and_images(data, tmp_path):
     events = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0, "images": 0, "histograms": 0}).Reload()
     tags = events.Tags()
     for tag in ("vqvae/loss", "vqvae/recon_mse", "vqvae/vq_loss", "val/mse", "val/ssim", "val/psnr",
-                "val/codebook_usage", "val/perplexity", "perf/images_per_s"):
+                "val/codebook_usage", "val/perplexity", "perf/vqvae_images_per_s"):
         assert tag in tags["scalars"], tag
     assert len(events.Scalars("vqvae/loss")) == 8  # one per step
     assert {"val/originals_over_reconstructions", "val/code_indices"} <= set(tags["images"])

@@ -179,7 +179,7 @@ def load_folder(folder, size: int = 256, cache_dir=None, skip_bad: bool = False)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     array_path, meta_path = cache_paths(folder, size, cache_dir)
     key = cache_key(files, size, skip_bad)
-    cached = read_cache(array_path, meta_path, key)
+    cached = read_cache(array_path, meta_path, key, size)
     if cached is not None:
         return cached
     array, names = decode_all(files, size, skip_bad, desc=f"decoding {folder.name}")
@@ -192,15 +192,25 @@ def load_folder(folder, size: int = 256, cache_dir=None, skip_bad: bool = False)
     return array, names
 
 
-def read_cache(array_path: Path, meta_path: Path, key: str):
+def read_cache(array_path: Path, meta_path: Path, key: str, size: int):
+    """The cached (array, names), or None when the entry is missing, stale or damaged in any way: a cache
+    is only ever rebuilt, never trusted or reported as the user's problem."""
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("key") != key:
+        if not valid_meta(meta) or meta["key"] != key:
             return None
         array = np.load(array_path)
     except (OSError, ValueError):
         return None
-    return (array, meta["names"]) if len(array) == len(meta["names"]) else None
+    if array.dtype != np.uint8 or array.shape != (len(meta["names"]), 1, size, size):
+        return None
+    return array, meta["names"]
+
+
+def valid_meta(meta) -> bool:
+    """A hand-edited or foreign meta file parses as JSON but may hold anything (null, a list, no names)."""
+    return (isinstance(meta, dict) and isinstance(meta.get("key"), str) and isinstance(meta.get("names"), list)
+            and all(isinstance(n, str) for n in meta["names"]))
 
 
 def load_split(data_dir, split: str, size: int = 256, cache_dir=None, skip_bad: bool = False) -> Split:

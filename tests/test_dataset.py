@@ -1,5 +1,9 @@
+import json
 import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -157,3 +161,41 @@ def test_describe_cli_prints_counts_and_writes_montage(tmp_path, capsys):
     out = capsys.readouterr().out
     assert code == 0 and (tmp_path / "m.png").exists()
     assert "train" in out and "validate" in out and "test" in out and "16x16" in out
+
+
+# ---------------------------------------------------------------- the CLI as a user runs it: exit code and one line
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_script(*args, **kwargs) -> subprocess.CompletedProcess:
+    """`python dataset.py ARGS` in a fresh process (the cache comes from the test's environment)."""
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+
+
+def describe_cli(tree, *flags) -> subprocess.CompletedProcess:
+    return run_script("dataset.py", "--data-dir", str(tree), "--size", "16", "--montage",
+                      str(tree.parent / "m.png"), *flags)
+
+
+@pytest.mark.parametrize("meta", ["null", "[]", '{"key": "x"}', '{"names": 3}'])
+def test_cache_meta_of_the_wrong_shape_is_rebuilt(tree, meta):
+    assert describe_cli(tree).returncode == 0
+    metas = sorted((tree.parent / "cache").glob("*.json"))
+    assert len(metas) == 3
+    for path in metas:
+        path.write_text(meta)
+    result = describe_cli(tree)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "train" in result.stdout
+    assert all(isinstance(json.loads(p.read_text()).get("names"), list) for p in metas)
+
+
+def test_cache_array_of_the_wrong_shape_is_rebuilt(tree):
+    folder = tree / "keras_png_slices_train"
+    first, _ = load_folder(folder, size=16)
+    array_path, _ = dataset.cache_paths(folder, 16, tree.parent / "cache")
+    np.save(array_path, np.zeros((6, 16, 16), np.uint8))  # right length, wrong shape: a foreign file
+    again, _ = load_folder(folder, size=16)
+    assert np.array_equal(first, again)

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -85,6 +86,8 @@ def decode_png(path: Path, size: int) -> tuple[np.ndarray, bool]:
         with Image.open(path) as im:
             im.load()
             gray = to_gray_float(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a few KB can hold 14000x14000
+        raise DataError(f"{path}: image too large to decode ({e})") from None
     except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: not a decodable PNG ({e})") from None
     except OSError as e:
@@ -121,7 +124,10 @@ def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple
             print(f"warning: skipping {e}", file=sys.stderr)
             return None
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    # Pillow only warns between its pixel limit and twice it, then decodes gigabytes; the filter is process-wide
+    # (not per thread), so it is set here around the pool rather than in decode_png.
+    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
         results = list(tqdm(pool.map(one, files), total=len(files), desc=desc, unit="img", leave=False,
                             disable=len(files) < 200))
     kept = [(f, r) for f, r in zip(files, results) if r is not None]

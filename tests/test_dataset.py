@@ -1,8 +1,10 @@
 import json
 import os
+import struct
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -199,3 +201,35 @@ def test_cache_array_of_the_wrong_shape_is_rebuilt(tree):
     np.save(array_path, np.zeros((6, 16, 16), np.uint8))  # right length, wrong shape: a foreign file
     again, _ = load_folder(folder, size=16)
     assert np.array_equal(first, again)
+
+
+def write_huge_png(path: Path, side: int) -> Path:
+    """A blank 1-bit PNG of side x side pixels, written row by row: 14000x14000 takes ~24 KB on disk and
+    would take 200 MB to build through Pillow."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    z, row, body = zlib.compressobj(9), b"\0" * (1 + (side + 7) // 8), []
+    body = [z.compress(row) for _ in range(side)] + [z.flush()]
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 1, 0, 0, 0, 0))
+                     + chunk(b"IDAT", b"".join(body)) + chunk(b"IEND", b""))
+    return path
+
+
+def test_decompression_bomb_is_one_line_or_skipped(tree):
+    bomb = write_huge_png(tree / "keras_png_slices_train" / "case_001_slice_1.nii.png", 14000)
+    assert bomb.stat().st_size < 100_000
+    result = describe_cli(tree)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(err) == 1, result.stderr
+    assert str(bomb) in err[0] and "too large" in err[0]
+    result = describe_cli(tree, "--skip-bad")
+    assert result.returncode == 0 and "train          5 slices" in result.stdout, result.stderr
+    assert f"warning: skipping {bomb}" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_image_between_the_pixel_limit_and_twice_it_is_refused_too(tmp_path, monkeypatch):
+    monkeypatch.setattr(dataset.Image, "MAX_IMAGE_PIXELS", 200)  # 16x16 is over it, under twice it: a warning
+    write_png(tmp_path / "imgs" / "a.png", np.zeros((16, 16), np.uint8))
+    with pytest.raises(DataError, match="a.png: image too large"):
+        load_folder(tmp_path / "imgs", size=16)

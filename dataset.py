@@ -111,8 +111,9 @@ def to_gray_float(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple[np.ndarray, list[str]]:
-    """Decode files in parallel threads (PIL releases the GIL); returns N x 1 x size x size uint8."""
+def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """Decode files in parallel threads (PIL releases the GIL): N x 1 x size x size uint8, the names kept, and
+    one message per file skipped (skip_bad), which the cache keeps so that a cached run still names them."""
     from tqdm import tqdm
 
     def one(path):
@@ -121,8 +122,7 @@ def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple
         except DataError as e:
             if not skip_bad:
                 raise
-            print(f"warning: skipping {e}", file=sys.stderr)
-            return None
+            return e
 
     # Pillow only warns between its pixel limit and twice it, then decodes gigabytes; the filter is process-wide
     # (not per thread), so it is set here around the pool rather than in decode_png.
@@ -130,14 +130,21 @@ def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         results = list(tqdm(pool.map(one, files), total=len(files), desc=desc, unit="img", leave=False,
                             disable=len(files) < 200))
-    kept = [(f, r) for f, r in zip(files, results) if r is not None]
+    skipped = [str(r) for r in results if isinstance(r, DataError)]
+    warn_skipped(skipped)
+    kept = [(f, r) for f, r in zip(files, results) if not isinstance(r, DataError)]
     if not kept:
         raise DataError(f"{files[0].parent}: no decodable PNG files")
     n_resized = sum(r[1] for _, r in kept)
     if n_resized:
         print(f"{files[0].parent.name}: resized {n_resized} of {len(kept)} slices to {size}x{size}")
     array = np.stack([r[0] for _, r in kept])[:, None]
-    return array, [f.name for f, _ in kept]
+    return array, [f.name for f, _ in kept], skipped
+
+
+def warn_skipped(messages: list[str]) -> None:
+    for message in messages:
+        print(f"warning: skipping {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- the cache
@@ -151,7 +158,8 @@ def cache_key(files: list[Path], size: int, skip_bad: bool) -> str:
     for f in files:
         try:
             st = f.stat()
-            h.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+            # chmod leaves the mtime alone: a file skipped as unreadable must be retried once it is readable.
+            h.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}|{os.access(f, os.R_OK)}".encode())
         except OSError:  # decoding names the file (or --skip-bad skips it)
             h.update(f"|{f.name}|unreadable".encode())
     return h.hexdigest()
@@ -187,19 +195,22 @@ def load_folder(folder, size: int = 256, cache_dir=None, skip_bad: bool = False)
     key = cache_key(files, size, skip_bad)
     cached = read_cache(array_path, meta_path, key, size)
     if cached is not None:
-        return cached
-    array, names = decode_all(files, size, skip_bad, desc=f"decoding {folder.name}")
+        array, names, skipped = cached
+        warn_skipped(skipped)  # a cached run leaves out the same files, so it says so the same way
+        return array, names
+    array, names, skipped = decode_all(files, size, skip_bad, desc=f"decoding {folder.name}")
+    meta = {"key": key, "names": names, "skipped": skipped}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(array_path, lambda p: save_npy(p, array))
-        atomic_write(meta_path, lambda p: p.write_text(json.dumps({"key": key, "names": names})))
+        atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta)))
     except OSError as e:  # a read-only cache only costs speed
         print(f"warning: could not write cache in {cache_dir} ({e.strerror or e})", file=sys.stderr)
     return array, names
 
 
 def read_cache(array_path: Path, meta_path: Path, key: str, size: int):
-    """The cached (array, names), or None when the entry is missing, stale or damaged in any way: a cache
+    """The cached (array, names, skip messages), or None when the entry is missing, stale or damaged in any way: a cache
     is only ever rebuilt, never trusted or reported as the user's problem."""
     try:
         meta = json.loads(meta_path.read_text())
@@ -210,13 +221,17 @@ def read_cache(array_path: Path, meta_path: Path, key: str, size: int):
         return None
     if array.dtype != np.uint8 or array.shape != (len(meta["names"]), 1, size, size):
         return None
-    return array, meta["names"]
+    return array, meta["names"], meta["skipped"]
 
 
 def valid_meta(meta) -> bool:
     """A hand-edited or foreign meta file parses as JSON but may hold anything (null, a list, no names)."""
-    return (isinstance(meta, dict) and isinstance(meta.get("key"), str) and isinstance(meta.get("names"), list)
-            and all(isinstance(n, str) for n in meta["names"]))
+    return (isinstance(meta, dict) and isinstance(meta.get("key"), str)
+            and all(is_list_of_str(meta.get(field)) for field in ("names", "skipped")))
+
+
+def is_list_of_str(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def load_split(data_dir, split: str, size: int = 256, cache_dir=None, skip_bad: bool = False) -> Split:

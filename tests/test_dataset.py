@@ -39,7 +39,7 @@ def test_cache_is_built_reused_and_invalidated(tree, monkeypatch):
     folder = tree / "keras_png_slices_train"
     first, names = load_folder(folder, size=16)
     calls = []
-    monkeypatch.setattr(dataset, "decode_all", lambda *a, **k: calls.append(1) or (first, names))
+    monkeypatch.setattr(dataset, "decode_all", lambda *a, **k: calls.append(1) or (first, names, []))
     again, _ = load_folder(folder, size=16)
     assert calls == [] and np.array_equal(first, again)
     monkeypatch.undo()
@@ -233,3 +233,38 @@ def test_image_between_the_pixel_limit_and_twice_it_is_refused_too(tmp_path, mon
     write_png(tmp_path / "imgs" / "a.png", np.zeros((16, 16), np.uint8))
     with pytest.raises(DataError, match="a.png: image too large"):
         load_folder(tmp_path / "imgs", size=16)
+
+
+def test_skipped_file_is_named_on_a_cache_hit_and_retried_once_readable(tree, monkeypatch, capsys):
+    # chmod cannot make a file unreadable for root: Pillow and os.access are told so instead.
+    bad = tree / "keras_png_slices_train" / "case_001_slice_1.nii.png"
+    real_open, real_access = dataset.Image.open, os.access
+
+    def open_unless_bad(path, *args, **kwargs):
+        if Path(path) == bad:
+            raise PermissionError(13, "Permission denied", str(bad))
+        return real_open(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(dataset.Image, "open", open_unless_bad)
+        m.setattr(os, "access", lambda path, mode: Path(path) != bad and real_access(path, mode))
+        assert len(load_split(tree, "train", size=16, skip_bad=True)) == 5
+        first = capsys.readouterr().err
+        assert f"warning: skipping {bad}: cannot read file (Permission denied)" in first
+        m.setattr(dataset, "decode_all", lambda *a, **k: pytest.fail("cache not used"))
+        assert len(load_split(tree, "train", size=16, skip_bad=True)) == 5
+        assert capsys.readouterr().err == first  # the same warning, from the cache
+    # "chmod +r": same size, same mtime, now readable
+    split = load_split(tree, "train", size=16, skip_bad=True)
+    assert len(split) == 6 and bad.name in split.names and "skipping" not in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
+def test_file_fixed_by_chmod_is_retried(tree, capsys):
+    bad = tree / "keras_png_slices_train" / "case_001_slice_1.nii.png"
+    bad.chmod(0)
+    assert len(load_split(tree, "train", size=16, skip_bad=True)) == 5
+    assert len(load_split(tree, "train", size=16, skip_bad=True)) == 5
+    assert capsys.readouterr().err.count(f"skipping {bad}") == 2
+    bad.chmod(0o644)
+    assert len(load_split(tree, "train", size=16, skip_bad=True)) == 6

@@ -77,15 +77,15 @@ def list_pngs(folder: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- decoding
 
-def decode_png(path: Path, size: int) -> tuple[np.ndarray, bool]:
-    """One slice as uint8 size x size gray, and whether it had to be resized.
+def decode_png(path: Path, size: int) -> tuple[np.ndarray, bool, str]:
+    """One slice as uint8 size x size gray, whether it had to be resized, and its PNG mode ("L": 8-bit gray).
 
     RGB(A) goes through ITU-R 601 luma (alpha dropped), 16-bit through its full 0..65535 range.
     """
     try:
         with Image.open(path) as im:
             im.load()
-            gray = to_gray_float(im)
+            mode, gray = im.mode, to_gray_float(im)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a few KB can hold 14000x14000
         raise DataError(f"{path}: image too large to decode ({e})") from None
     except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:
@@ -97,7 +97,7 @@ def decode_png(path: Path, size: int) -> tuple[np.ndarray, bool]:
     resized = gray.shape != (size, size)
     if resized:
         gray = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR))  # float32 -> mode "F"
-    return np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8), resized
+    return np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8), resized, mode
 
 
 def to_gray_float(im: Image.Image) -> np.ndarray:
@@ -138,6 +138,10 @@ def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple
     n_resized = sum(r[1] for _, r in kept)
     if n_resized:
         print(f"{files[0].parent.name}: resized {n_resized} of {len(kept)} slices to {size}x{size}")
+    converted = [r[2] for _, r in kept if r[2] != "L"]  # colour or 16-bit slices are usually a wrong folder
+    if converted:
+        print(f"{files[0].parent.name}: converted {len(converted)} of {len(kept)} slices to 8-bit gray "
+              f"(from {', '.join(sorted(set(converted)))})")
     array = np.stack([r[0] for _, r in kept])[:, None]
     return array, [f.name for f, _ in kept], skipped
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from conftest import make_tree, write_png
 
 import dataset
@@ -52,7 +53,7 @@ def test_cache_is_built_reused_and_invalidated(tree, monkeypatch):
     assert len(cache_files) == 2 and not any(f.name.endswith(".tmp") for f in cache_files)
 
 
-def test_gray_conversion_of_rgb_rgba_and_16_bit(tmp_path):
+def test_gray_conversion_of_rgb_rgba_and_16_bit(tmp_path, capsys):
     folder = tmp_path / "imgs"
     rgb = np.zeros((8, 8, 3), np.uint8)
     rgb[..., 0] = 255  # pure red -> ITU-R 601 luma 0.299
@@ -66,6 +67,17 @@ def test_gray_conversion_of_rgb_rgba_and_16_bit(tmp_path):
     assert abs(int(array[0, 0, 0, 0]) - round(0.299 * 255)) <= 1
     assert abs(int(array[1, 0, 0, 0]) - round(0.299 * 255)) <= 1
     assert abs(int(array[2, 0, 0, 0]) - 128) <= 1  # half of the 16-bit range, not clipped to 255
+    assert "imgs: converted 3 of 3 slices to 8-bit gray (from I;16, RGB, RGBA)" in capsys.readouterr().out
+
+
+def test_palette_is_announced_and_gray_is_not(tmp_path, capsys):
+    folder = tmp_path / "imgs"
+    write_png(folder / "gray.png", np.full((8, 8), 9, np.uint8))
+    load_folder(folder, size=8)
+    assert "converted" not in capsys.readouterr().out
+    Image.fromarray(np.full((8, 8), 9, np.uint8)).convert("P").save(folder / "palette.png")
+    array, _ = load_folder(folder, size=8)
+    assert (array == 9).all() and "converted 1 of 2 slices to 8-bit gray (from P)" in capsys.readouterr().out
 
 
 def test_resize_and_report(tmp_path, capsys):

@@ -69,7 +69,9 @@ def find_root(data_dir) -> Path:
 def list_pngs(folder: Path) -> list[Path]:
     if not folder.is_dir():
         raise DataError(f"{folder}: split folder missing")
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png"), key=lambda p: natural_key(p.name))
+    # Dot-files are never slices: macOS writes a ._NAME.png AppleDouble file beside every file it copies.
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")),
+                   key=lambda p: natural_key(p.name))
     if not files:
         raise DataError(f"{folder}: no PNG files (expected case_XXX_slice_Y.nii.png slices)")
     return files

@@ -26,6 +26,12 @@ def test_finds_splits_from_data_folder_or_its_parent(tree):
     assert all("seg" not in str(s.folder) for s in splits.values())
 
 
+def test_dot_files_are_not_slices(tree):
+    (tree / "keras_png_slices_train" / "._case_001_slice_0.nii.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    split = load_split(tree, "train", size=16)
+    assert len(split) == 6 and not any(name.startswith(".") for name in split.names)
+
+
 def test_natural_order(tmp_path):
     folder = tmp_path / "keras_png_slices_train"
     for case in (10, 2):

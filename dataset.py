@@ -60,13 +60,24 @@ def find_root(data_dir) -> Path:
         raise DataError(f"{data_dir}: no such folder (expected the OASIS keras_png_slices_data folder)")
     for root in (data_dir, data_dir / "keras_png_slices_data"):
         if any((root / split_folder_name(s)).is_dir() for s in SPLITS):
+            check_no_split_is_a_file(root)
             return root
     wanted = ", ".join(split_folder_name(s) for s in SPLITS)
     raise DataError(f"{data_dir}: none of the split folders found (expected {wanted}, "
                     "here or in keras_png_slices_data/)")
 
 
+def check_no_split_is_a_file(root: Path) -> None:
+    """A split name taken by a file would otherwise drop that split without a word."""
+    for s in SPLITS:
+        path = root / split_folder_name(s)
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path}: not a folder (expected the {s} split: a folder of PNG slices)")
+
+
 def list_pngs(folder: Path) -> list[Path]:
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: not a folder (expected a folder of PNG slices)")
     if not folder.is_dir():
         raise DataError(f"{folder}: split folder missing")
     # Dot-files are never slices: macOS writes a ._NAME.png AppleDouble file beside every file it copies.

@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -286,3 +287,15 @@ def test_file_fixed_by_chmod_is_retried(tree, capsys):
     assert capsys.readouterr().err.count(f"skipping {bad}") == 2
     bad.chmod(0o644)
     assert len(load_split(tree, "train", size=16, skip_bad=True)) == 6
+
+
+def test_split_name_taken_by_a_file_is_named(tree):
+    test_folder = tree / "keras_png_slices_test"
+    shutil.rmtree(test_folder)
+    test_folder.write_text("not a folder")
+    result = describe_cli(tree)
+    err = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(err) == 1, result.stderr
+    assert str(test_folder) in err[0] and "not a folder" in err[0]
+    with pytest.raises(DataError, match="not a folder"):
+        dataset.list_pngs(test_folder)

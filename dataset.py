@@ -9,11 +9,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import hashlib
 import json
 import os
 import re
 import sys
+import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -188,14 +191,30 @@ def cache_paths(folder: Path, size: int, cache_dir: Path) -> tuple[Path, Path]:
     return cache_dir / f"{folder.name}-{size}-{stem}.npy", cache_dir / f"{folder.name}-{size}-{stem}.json"
 
 
+STALE_TEMP_SECONDS = 10 * 60
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same folder and rename, so no reader ever sees half a file."""
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(path: Path, older_than: float = STALE_TEMP_SECONDS) -> None:
+    """Remove the temp files of `path` that a killed writer left behind (.NAME.PID.tmp). A live writer's temp
+    is younger than minutes however long the write: each chunk written to it moves its mtime."""
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        if not tmp.name[len(prefix):-len(".tmp")].isdigit():
+            continue  # another target's temp, e.g. that of NAME.1
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove: the write itself still works
+            if time.time() - tmp.stat().st_mtime > older_than:
+                tmp.unlink()
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:

@@ -299,3 +299,19 @@ def test_split_name_taken_by_a_file_is_named(tree):
     assert str(test_folder) in err[0] and "not a folder" in err[0]
     with pytest.raises(DataError, match="not a folder"):
         dataset.list_pngs(test_folder)
+
+
+def test_atomic_write_removes_temps_a_killed_writer_left(tmp_path):
+    target = tmp_path / "vqvae_last.pt"
+    old, young, other = (tmp_path / ".vqvae_last.pt.111.tmp", tmp_path / ".vqvae_last.pt.222.tmp",
+                         tmp_path / ".vqvae_last.pt.1.333.tmp")
+    for tmp in (old, young, other):
+        tmp.write_bytes(b"half a checkpoint")
+    an_hour_ago = time.time() - 3600
+    for tmp in (old, other):
+        os.utime(tmp, (an_hour_ago, an_hour_ago))
+    dataset.atomic_write(target, lambda p: p.write_text("whole"))
+    assert target.read_text() == "whole"
+    assert not old.exists()
+    assert young.exists()  # may be a live writer's
+    assert other.exists()  # the temp of another file, vqvae_last.pt.1

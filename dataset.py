@@ -142,10 +142,14 @@ def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple
 
     # Pillow only warns between its pixel limit and twice it, then decodes gigabytes; the filter is process-wide
     # (not per thread), so it is set here around the pool rather than in decode_png.
-    with warnings.catch_warnings(), ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+    with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        results = list(tqdm(pool.map(one, files), total=len(files), desc=desc, unit="img", leave=False,
-                            disable=len(files) < 200))
+        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        try:
+            results = list(tqdm(pool.map(one, files), total=len(files), desc=desc, unit="img", leave=False,
+                                disable=len(files) < 200))
+        finally:  # on Ctrl-C or a bad file, drop the queued files rather than decode the whole split first
+            pool.shutdown(cancel_futures=True)
     skipped = [str(r) for r in results if isinstance(r, DataError)]
     warn_skipped(skipped)
     kept = [(f, r) for f, r in zip(files, results) if not isinstance(r, DataError)]
@@ -387,6 +391,9 @@ def main(argv=None) -> int:
     except (DataError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: the cache and the montage are written atomically, nothing to clean up
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

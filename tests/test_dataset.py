@@ -315,3 +315,27 @@ def test_atomic_write_removes_temps_a_killed_writer_left(tmp_path):
     assert not old.exists()
     assert young.exists()  # may be a live writer's
     assert other.exists()  # the temp of another file, vqvae_last.pt.1
+
+
+CTRL_C_DURING_DECODING = """
+import os, signal, sys, time
+import dataset
+calls = []
+def decode_png(path, size):
+    calls.append(path)
+    if len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    raise AssertionError("interrupted before the end")
+dataset.decode_png = decode_png
+code = dataset.main(sys.argv[1:])
+print(len(calls))
+sys.exit(code)
+"""
+
+
+def test_ctrl_c_is_one_line_and_stops_decoding(tmp_path):
+    tree = make_tree(tmp_path / "d", cases=(10, 1, 1), slices=4, size=8)
+    result = run_script("-c", CTRL_C_DURING_DECODING, "--data-dir", str(tree), "--size", "8")
+    assert result.returncode == 130 and result.stderr.strip().splitlines() == ["interrupted"], result.stderr
+    assert int(result.stdout.split()[-1]) < 40  # the queued files were dropped, not decoded first

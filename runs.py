@@ -128,7 +128,21 @@ def set_rng_state(state: dict) -> None:
 def atomic_save(obj, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: save_through_handle(obj, tmp))
+
+
+def save_through_handle(obj, path: Path) -> None:
+    """torch.save, where a full disk is an OSError with its errno (ENOSPC) that callers can report as such.
+
+    Given a name, torch.save writes from C++ and a failed write is a RuntimeError ("iostream error"); given a
+    Python file the write raises OSError, but closing the zip archive then raises a RuntimeError over it."""
+    try:
+        with path.open("wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 def write_json(obj, path: Path) -> None:

@@ -214,3 +214,25 @@ def test_writing_turns_os_errors_into_one_line(tmp_path):
     with pytest.raises(RunError) as err, writing(tmp_path / "figures"):
         raise OSError(errno.ENOSPC, "No space left on device")
     assert str(err.value) == f"{tmp_path / 'figures'}: cannot write (No space left on device)"
+
+
+FULL_DISK = """
+import resource, signal, sys, torch
+from runs import RunError, atomic_save, writing
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # over the limit, a write fails with EFBIG instead of killing us
+resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+try:
+    with writing(sys.argv[1]):
+        atomic_save({"w": torch.zeros(10**6)}, sys.argv[1])
+except RunError as e:
+    print(e)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_FSIZE and SIGXFSZ")
+def test_checkpoint_write_that_runs_out_of_space_is_one_line(tmp_path):
+    ckpt = tmp_path / "vqvae_last.pt"
+    out = subprocess.run([sys.executable, "-c", FULL_DISK, str(ckpt)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert out.stdout.strip() == f"{ckpt}: cannot write (File too large)", out.stderr
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temp file

@@ -158,7 +158,7 @@ def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple
     n_resized = sum(r[1] for _, r in kept)
     if n_resized:
         print(f"{files[0].parent.name}: resized {n_resized} of {len(kept)} slices to {size}x{size}")
-    converted = [r[2] for _, r in kept if r[2] != "L"]  # colour or 16-bit slices are usually a wrong folder
+    converted = [r[2] for _, r in kept if r[2] != "L"]  # OASIS slices are 8-bit gray: anything else is news
     if converted:
         print(f"{files[0].parent.name}: converted {len(converted)} of {len(kept)} slices to 8-bit gray "
               f"(from {', '.join(sorted(set(converted)))})")
@@ -250,8 +250,8 @@ def load_folder(folder, size: int = 256, cache_dir=None, skip_bad: bool = False)
 
 
 def read_cache(array_path: Path, meta_path: Path, key: str, size: int):
-    """The cached (array, names, skip messages), or None when the entry is missing, stale or damaged in any way: a cache
-    is only ever rebuilt, never trusted or reported as the user's problem."""
+    """The cached (array, names, skip messages), or None when the entry is missing, stale or damaged in any
+    way: a cache is only ever rebuilt, never trusted or reported as the user's problem."""
     try:
         meta = json.loads(meta_path.read_text())
         if not valid_meta(meta) or meta["key"] != key:
@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     except (DataError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:  # Ctrl-C: the cache and the montage are written atomically, nothing to clean up
+    except KeyboardInterrupt:  # Ctrl-C: cache writes remove their temp files on the way out; nothing else to undo
         print("interrupted", file=sys.stderr)
         return 130
     return 0

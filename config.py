@@ -6,6 +6,9 @@ A `Config` round-trips through a plain dict (`asdict` / `Config.from_dict`), so 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import reprlib
+import typing
 from dataclasses import dataclass, field
 
 
@@ -112,19 +115,52 @@ class Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> "Config":
-        """The inverse of `to_dict`; fields added since a dict was written take their defaults."""
-        kwargs = {}
-        for key, value in d.items():
-            if key not in PARTS and key not in {f.name for f in dataclasses.fields(cls)}:
-                raise ValueError(f"unknown config field {key!r}")
-            kwargs[key] = PARTS[key](**value) if key in PARTS else value
-        if kwargs.get("prior", DEFAULT_PRIOR) not in PRIORS:
-            raise ValueError(f"prior must be one of {', '.join(PRIORS)}, not {kwargs['prior']!r}")
-        return cls(**kwargs)
+        """The config a dict describes; fields it lacks take their defaults (a checkpoint older than a field).
+
+        A hand-edited config.json is refused in one ValueError line naming the dotted key: an unknown one
+        ("unknown config field 'train.lrr'; did you mean 'train.lr'?") or a value of the wrong type."""
+        cfg = from_fields(cls, d, "")
+        if cfg.prior not in PRIORS:
+            raise ValueError(f"config field 'prior' must be one of {', '.join(PRIORS)}, not {cfg.prior!r}")
+        return cfg
 
 
-PARTS = {"model": ModelConfig, "train": TrainConfig, "runtime": RuntimeConfig, "gan": GANConfig,
-         "pixelcnn": PixelCNNConfig, "judge": JudgeConfig}
+def from_fields(cls, d, prefix: str):
+    """An instance of the dataclass `cls` from the dict `d`, whose keys are named `prefix + key` in errors."""
+    if not isinstance(d, dict):
+        where = f"config field {prefix.rstrip('.')!r}" if prefix else "a config"
+        raise ValueError(f"{where} must be a mapping of field names to values, not {reprlib.repr(d)}")
+    types = typing.get_type_hints(cls)  # the annotations are strings (`from __future__ import annotations`)
+    fields = [f.name for f in dataclasses.fields(cls) if f.init]
+    kwargs = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            close = difflib.get_close_matches(str(key), fields, n=1)
+            hint = f"; did you mean {prefix + close[0]!r}?" if close else ""
+            raise ValueError(f"unknown config field {name!r}{hint}")
+        kind = types[key]
+        if dataclasses.is_dataclass(kind):
+            kwargs[key] = from_fields(kind, value, f"{name}.")
+        else:
+            kwargs[key] = checked(value, kind, name)
+    return cls(**kwargs)
+
+
+# What JSON value each annotation accepts: bool is an int to Python, yet `"epochs": true` is surely a slip.
+ACCEPTS = {int: ((int,), "an integer"), float: ((int, float), "a number"), bool: ((bool,), "true or false"),
+           str: ((str,), "a string"), type(None): ((type(None),), "null")}
+
+
+def checked(value, kind, name: str):
+    """`value` if it fits the annotation `kind` (an int given for a float becomes one), else one ValueError."""
+    options = typing.get_args(kind) or (kind,)  # `str | None` -> (str, NoneType)
+    for option in options:
+        types, _ = ACCEPTS[option]
+        if isinstance(value, types) and (option is bool or not isinstance(value, bool)):
+            return float(value) if option is float else value
+    wanted = " or ".join(ACCEPTS[option][1] for option in options)
+    raise ValueError(f"config field {name!r} must be {wanted}, not {reprlib.repr(value)}")
 
 
 def _paper() -> Config:

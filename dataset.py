@@ -9,11 +9,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import glob
 import hashlib
 import json
 import os
 import re
 import sys
+import time
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,16 +63,29 @@ def find_root(data_dir) -> Path:
         raise DataError(f"{data_dir}: no such folder (expected the OASIS keras_png_slices_data folder)")
     for root in (data_dir, data_dir / "keras_png_slices_data"):
         if any((root / split_folder_name(s)).is_dir() for s in SPLITS):
+            check_no_split_is_a_file(root)
             return root
     wanted = ", ".join(split_folder_name(s) for s in SPLITS)
     raise DataError(f"{data_dir}: none of the split folders found (expected {wanted}, "
                     "here or in keras_png_slices_data/)")
 
 
+def check_no_split_is_a_file(root: Path) -> None:
+    """A split name taken by a file would otherwise drop that split without a word."""
+    for s in SPLITS:
+        path = root / split_folder_name(s)
+        if path.exists() and not path.is_dir():
+            raise DataError(f"{path}: not a folder (expected the {s} split: a folder of PNG slices)")
+
+
 def list_pngs(folder: Path) -> list[Path]:
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"{folder}: not a folder (expected a folder of PNG slices)")
     if not folder.is_dir():
         raise DataError(f"{folder}: split folder missing")
-    files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png"), key=lambda p: natural_key(p.name))
+    # Dot-files are never slices: macOS writes a ._NAME.png AppleDouble file beside every file it copies.
+    files = sorted((p for p in folder.iterdir() if p.suffix.lower() == ".png" and not p.name.startswith(".")),
+                   key=lambda p: natural_key(p.name))
     if not files:
         raise DataError(f"{folder}: no PNG files (expected case_XXX_slice_Y.nii.png slices)")
     return files
@@ -76,15 +93,17 @@ def list_pngs(folder: Path) -> list[Path]:
 
 # ---------------------------------------------------------------- decoding
 
-def decode_png(path: Path, size: int) -> tuple[np.ndarray, bool]:
-    """One slice as uint8 size x size gray, and whether it had to be resized.
+def decode_png(path: Path, size: int) -> tuple[np.ndarray, bool, str]:
+    """One slice as uint8 size x size gray, whether it had to be resized, and its PNG mode ("L": 8-bit gray).
 
     RGB(A) goes through ITU-R 601 luma (alpha dropped), 16-bit through its full 0..65535 range.
     """
     try:
         with Image.open(path) as im:
             im.load()
-            gray = to_gray_float(im)
+            mode, gray = im.mode, to_gray_float(im)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:  # a few KB can hold 14000x14000
+        raise DataError(f"{path}: image too large to decode ({e})") from None
     except (UnidentifiedImageError, SyntaxError, ValueError, EOFError) as e:
         raise DataError(f"{path}: not a decodable PNG ({e})") from None
     except OSError as e:
@@ -94,7 +113,7 @@ def decode_png(path: Path, size: int) -> tuple[np.ndarray, bool]:
     resized = gray.shape != (size, size)
     if resized:
         gray = np.asarray(Image.fromarray(gray).resize((size, size), Image.BILINEAR))  # float32 -> mode "F"
-    return np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8), resized
+    return np.clip(np.rint(gray * 255.0), 0, 255).astype(np.uint8), resized, mode
 
 
 def to_gray_float(im: Image.Image) -> np.ndarray:
@@ -108,8 +127,9 @@ def to_gray_float(im: Image.Image) -> np.ndarray:
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple[np.ndarray, list[str]]:
-    """Decode files in parallel threads (PIL releases the GIL); returns N x 1 x size x size uint8."""
+def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple[np.ndarray, list[str], list[str]]:
+    """Decode files in parallel threads (PIL releases the GIL): N x 1 x size x size uint8, the names kept, and
+    one message per file skipped (skip_bad), which the cache keeps so that a cached run still names them."""
     from tqdm import tqdm
 
     def one(path):
@@ -118,20 +138,37 @@ def decode_all(files: list[Path], size: int, skip_bad: bool, desc: str) -> tuple
         except DataError as e:
             if not skip_bad:
                 raise
-            print(f"warning: skipping {e}", file=sys.stderr)
-            return None
+            return e
 
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        results = list(tqdm(pool.map(one, files), total=len(files), desc=desc, unit="img", leave=False,
-                            disable=len(files) < 200))
-    kept = [(f, r) for f, r in zip(files, results) if r is not None]
+    # Pillow only warns between its pixel limit and twice it, then decodes gigabytes; the filter is process-wide
+    # (not per thread), so it is set here around the pool rather than in decode_png.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
+        try:
+            results = list(tqdm(pool.map(one, files), total=len(files), desc=desc, unit="img", leave=False,
+                                disable=len(files) < 200))
+        finally:  # on Ctrl-C or a bad file, drop the queued files rather than decode the whole split first
+            pool.shutdown(cancel_futures=True)
+    skipped = [str(r) for r in results if isinstance(r, DataError)]
+    warn_skipped(skipped)
+    kept = [(f, r) for f, r in zip(files, results) if not isinstance(r, DataError)]
     if not kept:
         raise DataError(f"{files[0].parent}: no decodable PNG files")
     n_resized = sum(r[1] for _, r in kept)
     if n_resized:
         print(f"{files[0].parent.name}: resized {n_resized} of {len(kept)} slices to {size}x{size}")
+    converted = [r[2] for _, r in kept if r[2] != "L"]  # OASIS slices are 8-bit gray: anything else is news
+    if converted:
+        print(f"{files[0].parent.name}: converted {len(converted)} of {len(kept)} slices to 8-bit gray "
+              f"(from {', '.join(sorted(set(converted)))})")
     array = np.stack([r[0] for _, r in kept])[:, None]
-    return array, [f.name for f, _ in kept]
+    return array, [f.name for f, _ in kept], skipped
+
+
+def warn_skipped(messages: list[str]) -> None:
+    for message in messages:
+        print(f"warning: skipping {message}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------- the cache
@@ -145,7 +182,8 @@ def cache_key(files: list[Path], size: int, skip_bad: bool) -> str:
     for f in files:
         try:
             st = f.stat()
-            h.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}".encode())
+            # chmod leaves the mtime alone: a file skipped as unreadable must be retried once it is readable.
+            h.update(f"|{f.name}|{st.st_size}|{st.st_mtime_ns}|{os.access(f, os.R_OK)}".encode())
         except OSError:  # decoding names the file (or --skip-bad skips it)
             h.update(f"|{f.name}|unreadable".encode())
     return h.hexdigest()
@@ -157,14 +195,30 @@ def cache_paths(folder: Path, size: int, cache_dir: Path) -> tuple[Path, Path]:
     return cache_dir / f"{folder.name}-{size}-{stem}.npy", cache_dir / f"{folder.name}-{size}-{stem}.json"
 
 
+STALE_TEMP_SECONDS = 10 * 60
+
+
 def atomic_write(path: Path, write) -> None:
     """Write through a temp file in the same folder and rename, so no reader ever sees half a file."""
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def remove_stale_temps(path: Path, older_than: float = STALE_TEMP_SECONDS) -> None:
+    """Remove the temp files of `path` that a killed writer left behind (.NAME.PID.tmp). A live writer's temp
+    is younger than minutes however long the write: each chunk written to it moves its mtime."""
+    prefix = f".{path.name}."
+    for tmp in path.parent.glob(glob.escape(prefix) + "*.tmp"):
+        if not tmp.name[len(prefix):-len(".tmp")].isdigit():
+            continue  # another target's temp, e.g. that of NAME.1
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove: the write itself still works
+            if time.time() - tmp.stat().st_mtime > older_than:
+                tmp.unlink()
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
@@ -179,28 +233,45 @@ def load_folder(folder, size: int = 256, cache_dir=None, skip_bad: bool = False)
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     array_path, meta_path = cache_paths(folder, size, cache_dir)
     key = cache_key(files, size, skip_bad)
-    cached = read_cache(array_path, meta_path, key)
+    cached = read_cache(array_path, meta_path, key, size)
     if cached is not None:
-        return cached
-    array, names = decode_all(files, size, skip_bad, desc=f"decoding {folder.name}")
+        array, names, skipped = cached
+        warn_skipped(skipped)  # a cached run leaves out the same files, so it says so the same way
+        return array, names
+    array, names, skipped = decode_all(files, size, skip_bad, desc=f"decoding {folder.name}")
+    meta = {"key": key, "names": names, "skipped": skipped}
     try:
         cache_dir.mkdir(parents=True, exist_ok=True)
         atomic_write(array_path, lambda p: save_npy(p, array))
-        atomic_write(meta_path, lambda p: p.write_text(json.dumps({"key": key, "names": names})))
+        atomic_write(meta_path, lambda p: p.write_text(json.dumps(meta)))
     except OSError as e:  # a read-only cache only costs speed
         print(f"warning: could not write cache in {cache_dir} ({e.strerror or e})", file=sys.stderr)
     return array, names
 
 
-def read_cache(array_path: Path, meta_path: Path, key: str):
+def read_cache(array_path: Path, meta_path: Path, key: str, size: int):
+    """The cached (array, names, skip messages), or None when the entry is missing, stale or damaged in any
+    way: a cache is only ever rebuilt, never trusted or reported as the user's problem."""
     try:
         meta = json.loads(meta_path.read_text())
-        if meta.get("key") != key:
+        if not valid_meta(meta) or meta["key"] != key:
             return None
         array = np.load(array_path)
     except (OSError, ValueError):
         return None
-    return (array, meta["names"]) if len(array) == len(meta["names"]) else None
+    if array.dtype != np.uint8 or array.shape != (len(meta["names"]), 1, size, size):
+        return None
+    return array, meta["names"], meta["skipped"]
+
+
+def valid_meta(meta) -> bool:
+    """A hand-edited or foreign meta file parses as JSON but may hold anything (null, a list, no names)."""
+    return (isinstance(meta, dict) and isinstance(meta.get("key"), str)
+            and all(is_list_of_str(meta.get(field)) for field in ("names", "skipped")))
+
+
+def is_list_of_str(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, str) for item in value)
 
 
 def load_split(data_dir, split: str, size: int = 256, cache_dir=None, skip_bad: bool = False) -> Split:
@@ -320,6 +391,9 @@ def main(argv=None) -> int:
     except (DataError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: cache writes remove their temp files on the way out; nothing else to undo
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

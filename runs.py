@@ -12,7 +12,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -176,7 +178,21 @@ def set_rng_state(state: dict) -> None:
 def atomic_save(obj, path: Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+    atomic_write(path, lambda tmp: save_through_handle(obj, tmp))
+
+
+def save_through_handle(obj, path: Path) -> None:
+    """torch.save, where a full disk is an OSError with its errno (ENOSPC) that callers can report as such.
+
+    Given a name, torch.save writes from C++ and a failed write is a RuntimeError ("iostream error"); given a
+    Python file the write raises OSError, but closing the zip archive then raises a RuntimeError over it."""
+    try:
+        with path.open("wb") as f:
+            torch.save(obj, f)
+    except RuntimeError as e:
+        if isinstance(e.__context__, OSError):
+            raise e.__context__ from None
+        raise
 
 
 def write_json(obj, path: Path) -> None:
@@ -261,3 +277,148 @@ def load_histories(run_dir, names) -> dict:
     """{name: training history} of each of `names` that has a checkpoint in the run."""
     paths = {name: checkpoint_path(run_dir, name) for name in names}
     return {name: load_checkpoint(p)["state"]["history"] for name, p in paths.items() if p.is_file()}
+
+
+# ---------------------------------------------------------------- checks before a run starts
+# Each turns a mistake on the command line or a clash between runs into one line before any work is done.
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number above 0 (a learning rate); nan, inf, 0 and negatives are refused in one
+    line, since each would train for minutes before the loss tells."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, not {text}")
+    return value
+
+
+def parse_device(name: str) -> torch.device:
+    """--device: auto, cpu, cuda or cuda:N, checked against this machine. torch.device also takes mps, meta,
+    xla and more, which this project does not run on: those fail here in one line, not deep in training."""
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", name):
+        raise RunError(f"--device {name}: choose auto, cpu, cuda or cuda:N")
+    device = pick_device(name)
+    count = torch.cuda.device_count() if device.type == "cuda" else 0
+    if device.index is not None and device.index >= count:
+        raise RunError(f"--device {name}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
+
+
+def claim_run_dir(root, name_fn) -> Path:
+    """A new numbered run folder under `root`, created by this call; `name_fn(number)` gives its name
+    ("007-quick-builtin"). The number follows the highest one taken. os.mkdir is atomic, so two runs started
+    together never share a folder: the one that loses the race takes the next number. Rank 0 only."""
+    root = Path(root)
+    if root.exists() and not root.is_dir():
+        raise RunError(f"{root}: not a folder (expected the folder that holds the runs)")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        number = max(run_numbers(root), default=0) + 1
+        for number in range(number, number + 1000):
+            run_dir = root / name_fn(number)
+            with contextlib.suppress(FileExistsError):
+                run_dir.mkdir()
+                return run_dir
+    except OSError as e:
+        raise RunError(f"{e.filename or root}: cannot create a run folder ({e.strerror or e})") from None
+    raise RunError(f"{root}: no free run number after {number} (clear out old runs)")
+
+
+def run_numbers(root: Path) -> list[int]:
+    return [int(m.group(1)) for p in root.iterdir() if (m := re.match(r"(\d+)-", p.name))]
+
+
+class RunLock:
+    """`with RunLock(run_dir):` holds run_dir/.lock exclusively while one driver.py works in the folder, so a
+    second one on the same folder is refused in one line instead of interleaving checkpoints. The kernel
+    drops the lock when its process dies: a killed run never leaves the folder locked. The file stays:
+    deleting it would let one process lock the old file and another a new one. Rank 0 only; a no-op where
+    fcntl is missing (Windows)."""
+
+    def __init__(self, run_dir):
+        self.run_dir = Path(run_dir)
+        self.file = None
+
+    def __enter__(self) -> "RunLock":
+        try:
+            import fcntl
+        except ImportError:
+            return self
+        path = self.run_dir / ".lock"
+        try:
+            file = path.open("a+")
+        except OSError as e:
+            raise RunError(f"{self.run_dir}: cannot create {path.name} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            file.seek(0)
+            holder = file.read().strip() or "unknown"
+            file.close()
+            if isinstance(e, BlockingIOError):
+                raise RunError(f"{self.run_dir}: another driver.py is using this run folder (pid {holder}); "
+                               "wait for it or choose another --run-dir") from None
+            # A filesystem without locks (some network mounts) must not stop the run, only lose the guard.
+            print(f"warning: {self.run_dir}: cannot lock the run folder ({e.strerror or e})", file=sys.stderr)
+            return self
+        file.truncate(0)  # "a+" writes at the end, which is now the start
+        file.write(f"{os.getpid()}\n")
+        file.flush()
+        self.file = file
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.file is not None:
+            self.file.close()  # closing the last descriptor releases the flock
+            self.file = None
+        return False
+
+
+def remove_if_only_config(run_dir) -> bool:
+    """After a failed start, remove a run folder that holds nothing but config.json (and .lock), so the failure
+    leaves no debris and frees its run number. True if removed. A folder with anything else (a checkpoint,
+    TensorBoard events) is kept. Only for a folder this start created, never a resumed run."""
+    run_dir = Path(run_dir)
+    try:
+        entries = list(run_dir.iterdir())
+        if any(p.name not in ("config.json", ".lock") or not p.is_file() for p in entries):
+            return False
+        for p in entries:
+            p.unlink()
+        run_dir.rmdir()
+    except OSError:  # gone already, or not ours to remove: the start's own error is the one to report
+        return False
+    return True
+
+
+def output_path(path, kind: str = "file") -> Path:
+    """An --out `path` checked before any work, `kind` "file" or "folder": a folder given for a file, a file
+    given for a folder, a parent folder that is missing or not writable is one RunError line, rather than an
+    OSError traceback once the outputs are ready."""
+    if kind not in ("file", "folder"):
+        raise ValueError(f"kind must be 'file' or 'folder', not {kind!r}")
+    path = Path(path)
+    if kind == "file" and path.is_dir():
+        raise RunError(f"{path}: is a folder; expected the name of a file to write")
+    if kind == "folder" and path.exists() and not path.is_dir():
+        raise RunError(f"{path}: is a file; expected a folder to write into")
+    parent = path.parent
+    if not parent.is_dir():
+        problem = "is not a folder" if parent.exists() else "does not exist"
+        raise RunError(f"{path}: its folder {parent} {problem}; create it first or choose another path")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise RunError(f"{path}: no permission to write {'there' if target == path else f'in {parent}'}")
+    return path
+
+
+@contextlib.contextmanager
+def writing(path):
+    """`with writing(out):` turns an OSError while writing the output `path` (disk full, permission, a folder
+    removed meanwhile) into one RunError line naming the file."""
+    try:
+        yield
+    except OSError as e:
+        raise RunError(f"{e.filename or path}: cannot write ({e.strerror or e})") from None

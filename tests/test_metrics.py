@@ -152,16 +152,6 @@ def test_code_histogram_distance():
     assert 0 < d < 1 and math.isfinite(d)
 
 
-def blobs(n: int, seed: int, size: int = 32) -> torch.Tensor:
-    """Bright discs of random centre and radius on black: one distribution of slice-like images."""
-    g = torch.Generator().manual_seed(seed)
-    yy, xx = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    centre = size / 2 + (torch.rand(n, 2, generator=g) - 0.5) * size / 3
-    radius = size / 5 + torch.rand(n, generator=g) * size / 5
-    d = ((yy - centre[:, 0, None, None]) ** 2 + (xx - centre[:, 1, None, None]) ** 2).sqrt()
-    return ((d < radius[:, None, None]).float() * (0.5 + 0.5 * torch.rand(n, 1, 1, generator=g)))[:, None]
-
-
 def test_c2st_cannot_tell_two_halves_of_one_set_apart():
     images = blobs(128, seed=0)
     result = metrics.c2st(images[::2], images[1::2], seeds=3, steps=100)

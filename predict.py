@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -19,8 +20,8 @@ from config import PRIORS
 from dataset import DataError, ensure_builtin, load_folder, load_split, load_splits
 from evaluate import (decode_indices, evaluate_vqvae, load_prior, load_vqvae, nearest_training, reconstruct,
                       reconstruction_example, sample_codes, sample_priors, trained_priors)
-from runs import (RunError, at_least, keep_freed_host_memory, load_histories, pick_device, run_config, use_bf16,
-                  write_json)
+from runs import (RunError, at_least, keep_freed_host_memory, load_histories, output_path, parse_device, run_config,
+                  use_bf16, write_json, writing)
 
 
 def data_dir(cfg) -> Path:
@@ -33,6 +34,8 @@ def load_images(folder, size: int, skip_bad: bool) -> tuple[torch.Tensor, list[s
 
 
 def cmd_evaluate(args, device) -> None:
+    if args.out:
+        output_path(args.out, "file")
     vqvae, cfg = load_vqvae(args.run, device)
     if args.images:
         images, _ = load_images(args.images, cfg.model.image_size, args.skip_bad)
@@ -45,36 +48,44 @@ def cmd_evaluate(args, device) -> None:
     for key in ("ssim", "psnr", "mse", "codebook_usage", "perplexity", "n_images"):
         print(f"{key:15s} {result[key]:.4f}" if isinstance(result[key], float) else f"{key:15s} {result[key]}")
     if args.out:
-        write_json(result, args.out)
+        try:
+            with writing(args.out):
+                write_json(result, args.out)
+        except RunError:
+            print(json.dumps(result, default=float))  # measured all the same: keep it on stdout
+            raise
         print(f"wrote {args.out}")
 
 
 def cmd_reconstruct(args, device) -> None:
+    out = output_path(args.out, "folder")
     vqvae, cfg = load_vqvae(args.run, device)
     images, names = load_images(args.images, cfg.model.image_size, args.skip_bad)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     batches = list(reconstruct(vqvae, images, 64, device, use_bf16(device, cfg.runtime.amp)))
     originals, recons = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
-    for name, rec in zip(names, recons):
-        figures.save_png(rec, out / f"{Path(name).stem.removesuffix('.nii')}_recon.png")
     show = torch.linspace(0, len(names) - 1, min(8, len(names))).long()
-    figures.save_reconstructions(originals[show], recons[show], out / "side_by_side.png",
-                                 f"{args.images}: SSIM {metrics.ssim(recons, originals):.3f} over {len(names)} slices")
+    with writing(out):
+        out.mkdir(exist_ok=True)
+        for name, rec in zip(names, recons):
+            figures.save_png(rec, out / f"{Path(name).stem.removesuffix('.nii')}_recon.png")
+        figures.save_reconstructions(originals[show], recons[show], out / "side_by_side.png",
+                                     f"{args.images}: SSIM {metrics.ssim(recons, originals):.3f} over {len(names)} "
+                                     "slices")
     print(f"wrote {len(names)} reconstructions and side_by_side.png to {out}")
 
 
 def cmd_generate(args, device) -> None:
+    out = output_path(args.out, "folder")
     vqvae, _ = load_vqvae(args.run, device)
     name = args.prior or run_config(args.run).prior
     prior, cfg = load_prior(args.run, name, vqvae, device)
     idx = sample_codes(prior, args.n, args.seed, device, getattr(cfg, name))
     images = decode_indices(vqvae, idx, bf16=use_bf16(device, cfg.runtime.amp))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    for i, image in enumerate(images):
-        figures.save_png(image, out / f"sample_{i:04d}.png")
-    figures.save_montage(images, out / "grid.png", f"{args.n} samples, {name} prior, seed {args.seed}")
+    with writing(out):
+        out.mkdir(exist_ok=True)
+        for i, image in enumerate(images):
+            figures.save_png(image, out / f"sample_{i:04d}.png")
+        figures.save_montage(images, out / "grid.png", f"{args.n} samples, {name} prior, seed {args.seed}")
     print(f"wrote {args.n} slices and grid.png to {out}")
 
 
@@ -126,7 +137,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        device = pick_device(args.device)
+        device = parse_device(args.device)
         if device.type == "cpu":
             keep_freed_host_memory()
         {"evaluate": cmd_evaluate, "reconstruct": cmd_reconstruct, "generate": cmd_generate,
@@ -134,6 +145,9 @@ def main(argv=None) -> int:
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # outputs are written one whole file at a time; nothing else to undo
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

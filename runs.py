@@ -264,13 +264,33 @@ def checkpoint_path(run_dir, name: str, which: str = "last") -> Path:
 def run_config(run_dir) -> Config:
     """The run's current settings (prior, samples, seed): its config.json, which a resume may have changed
     since the VQ-VAE checkpoint was written."""
-    path = find_run(run_dir) / "config.json"
+    return read_config(find_run(run_dir) / "config.json")
+
+
+def read_config(path: Path) -> Config:
+    """A run's config.json; a missing file, broken JSON, an unknown key or a value of the wrong type (a hand
+    edit) is one RunError line naming the file."""
     try:
         return Config.from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
         raise RunError(f"{path}: missing (every run folder written by driver.py has one)") from None
     except (TypeError, ValueError) as e:
         raise RunError(f"{path}: not a config of this version of the code ({e})") from None
+
+
+def write_config(cfg: Config, run_dir) -> str | None:
+    """Write the run's config.json; returns what it held before (None: nothing), for `restore_config`."""
+    path = Path(run_dir) / "config.json"
+    previous = path.read_text() if path.is_file() else None
+    write_json(cfg.to_dict(), path)
+    return previous
+
+
+def restore_config(run_dir, previous: str | None) -> None:
+    """Put back the config.json that `write_config` replaced, so that flags which made training diverge
+    (--resume --lr 1e6) are not kept for the next plain --resume."""
+    if previous is not None:
+        atomic_write(Path(run_dir) / "config.json", lambda tmp: tmp.write_text(previous))
 
 
 def load_histories(run_dir, names) -> dict:
@@ -422,3 +442,78 @@ def writing(path):
         yield
     except OSError as e:
         raise RunError(f"{e.filename or path}: cannot write ({e.strerror or e})") from None
+
+
+# ---------------------------------------------------------------- a run folder from start to end
+
+class Interrupted(Exception):
+    """Ctrl-C during a run, with a message that says what it left in the run folder."""
+
+
+def resumable_run(run_dir) -> Path:
+    """--resume's folder, refused in one line unless driver.py started a run there (config.json or a
+    checkpoint inside): a typo in --run-dir must not start a new run silently."""
+    if run_dir is None:
+        raise RunError("--resume needs --run-dir (the run to continue)")
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run folder to --resume (leave out --resume to start a new run)")
+    if not (run_dir / "config.json").is_file() and not any(run_dir.glob("*_last.pt")):
+        raise RunError(f"{run_dir}: not a run folder (no config.json or checkpoint inside); nothing to --resume")
+    return run_dir
+
+
+def open_run_dir(run_dir, root, name_fn) -> tuple[Path, bool]:
+    """(folder, created by this call): `run_dir` when given, made if missing, else a new numbered folder under
+    `root` (`claim_run_dir`). mkdir without exist_ok tells, atomically, whether this start made the folder."""
+    if run_dir is None:
+        return claim_run_dir(root, name_fn), True
+    run_dir = Path(run_dir)
+    try:
+        run_dir.mkdir(parents=True)
+        return run_dir, True
+    except FileExistsError:
+        if not run_dir.is_dir():
+            raise RunError(f"{run_dir}: is a file; expected a run folder") from None
+        return run_dir, False
+    except OSError as e:
+        raise RunError(f"{e.filename or run_dir}: cannot create the run folder ({e.strerror or e})") from None
+
+
+@contextlib.contextmanager
+def run_folder(run_dir, name_fn, root="runs"):
+    """`with run_folder(args.run_dir, name_fn) as run_dir:` the folder of one driver.py run on every rank,
+    opened by rank 0 (`open_run_dir`) and locked by it (`RunLock`) until the run ends, before config.json is
+    written. A start that fails or is interrupted in a folder this call created removes it again while it
+    holds only config.json, freeing the name and its number. Ctrl-C becomes `Interrupted`, whose message
+    names the folder and what is saved in it."""
+    created, failure = False, None
+    with contextlib.ExitStack() as lock:
+        if dist_info()[0] == 0:
+            try:
+                run_dir, created = open_run_dir(run_dir, root, name_fn)
+                lock.enter_context(RunLock(run_dir))
+            except RunError as e:
+                failure = str(e)
+        run_dir, failure = broadcast_object((run_dir, failure))  # every rank fails together, none waits
+        if failure:
+            raise RunError(failure)
+        try:
+            yield run_dir
+        except BaseException as e:
+            if created and dist_info()[0] == 0:
+                remove_if_only_config(run_dir)
+            if isinstance(e, KeyboardInterrupt):
+                raise Interrupted(interrupted_message(run_dir)) from None
+            raise
+
+
+def interrupted_message(run_dir: Path) -> str:
+    """What Ctrl-C left: a run to --resume only when a model finished an epoch (a *_last.pt exists)."""
+    if not run_dir.is_dir():
+        return f"interrupted before training began; {run_dir} removed (nothing was saved)"
+    saved = sorted(p.name for p in run_dir.glob("*_last.pt"))
+    if not saved:
+        return f"interrupted before the first epoch finished; no checkpoint in {run_dir} yet"
+    return (f"interrupted: the last finished epoch is saved in {run_dir} ({', '.join(saved)}); "
+            f"continue with --resume --run-dir {run_dir}")

@@ -50,6 +50,7 @@ class Stage:
     seed_offset = 0          # shuffles differ between stages trained with the same seed
     best_key: str | None = None  # a validation number whose maximum is also saved as <name>_best.pt
     lr_schedule = "constant"
+    lr_flag = "--lr"         # driver.py's flag for its learning rate, named when the loss diverges
 
     def __init__(self, cfg: Config, device: torch.device, bf16: bool):
         self.cfg, self.device, self.bf16 = cfg, device, bf16
@@ -125,17 +126,19 @@ def run_epoch(stage: Stage, state: dict, epoch: int, writer, last: Path) -> floa
     order = rank_order(stage.n_items, stage.cfg.seed + stage.seed_offset, epoch, stage.device)
     steps = batch_slices(len(order), stage.batch_size)
     pending, t0 = [], time.perf_counter()
-    bar = tqdm(steps, desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}", unit="batch", disable=rank > 0,
-               leave=False, dynamic_ncols=True)
-    for i, sl in enumerate(bar):
-        set_lrs(stage, state["step"], len(steps) * stage.epochs)
-        pending.append(stage.step(stage.batch(order[sl])))
-        state["step"] += 1
-        if len(pending) == stage.cfg.runtime.log_every or i == len(steps) - 1:
-            mean = flush_losses(pending, stage.loss_names, state["step"], writer, stage.name, last)
-            state["history"]["train"].append([state["step"], *mean])
-            rate = (i + 1) * (sl.stop - sl.start) * world / (time.perf_counter() - t0)
-            bar.set_postfix(**{stage.loss_names[0]: f"{mean[0]:.4f}"}, img_s=f"{rate:.0f}")
+    # `with`: a bar left open by NaN or Ctrl-C would stay on the line where the one-line error is printed.
+    with tqdm(steps, desc=f"{stage.name} epoch {epoch + 1}/{stage.epochs}", unit="batch", disable=rank > 0,
+              leave=False, dynamic_ncols=True) as bar:
+        for i, sl in enumerate(bar):
+            set_lrs(stage, state["step"], len(steps) * stage.epochs)
+            pending.append(stage.step(stage.batch(order[sl])))
+            state["step"] += 1
+            if len(pending) == stage.cfg.runtime.log_every or i == len(steps) - 1:
+                mean = flush_losses(pending, stage.loss_names, state["step"], writer, stage.name, last,
+                                    stage.lr_flag)
+                state["history"]["train"].append([state["step"], *mean])
+                rate = (i + 1) * (sl.stop - sl.start) * world / (time.perf_counter() - t0)
+                bar.set_postfix(**{stage.loss_names[0]: f"{mean[0]:.4f}"}, img_s=f"{rate:.0f}")
     return len(steps) * (steps[0].stop - steps[0].start) * world / (time.perf_counter() - t0)
 
 
@@ -186,7 +189,8 @@ def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> 
     raise ValueError(f"lr_schedule must be 'constant' or 'cosine', not {schedule!r}")
 
 
-def flush_losses(pending: list, names: tuple, step: int, writer, prefix: str, last_good: Path) -> list[float]:
+def flush_losses(pending: list, names: tuple, step: int, writer, prefix: str, last_good: Path,
+                 lr_flag: str = "--lr") -> list[float]:
     """One host sync for `len(pending)` steps: write each step's losses, stop on NaN/inf.
 
     Under torch.distributed every rank stops together: a rank that stopped alone would leave the others
@@ -200,7 +204,7 @@ def flush_losses(pending: list, names: tuple, step: int, writer, prefix: str, la
         bad = values[~torch.isfinite(values)]
         what = f"became {bad[0].item()}" if len(bad) else "became non-finite on another rank"
         raise TrainingDiverged(f"{prefix} loss {what} near step {step}; last good checkpoint: {where}; "
-                               "resume with a smaller --lr (a flag given with --resume is kept in config.json)")
+                               f"continue with --resume and a smaller {lr_flag}")
     first = step - len(values) + 1
     for i, row in enumerate(values.tolist()):
         for name, v in zip(names, row):
@@ -391,7 +395,7 @@ def code_statistics(idx: torch.Tensor, real_idx: torch.Tensor, num_codes: int) -
 
 class GANStage(PriorStage):
     """The report's DCGAN over code maps: BCE, one D step then one G step per batch."""
-    name, loss_names, seed_offset = "gan", ("loss_d", "loss_g", "d_real", "d_fake"), 1
+    name, loss_names, seed_offset, lr_flag = "gan", ("loss_d", "loss_g", "d_real", "d_fake"), 1, "--gan-lr"
 
     def __init__(self, cfg, vqvae, data, device, bf16):
         super().__init__(cfg, vqvae, data, device, bf16)
@@ -436,7 +440,7 @@ def gan_step(g_net, d_net, opt_g, opt_d, real: torch.Tensor, noise_dim: int, dev
 
 class PixelCNNStage(PriorStage):
     """Gated PixelCNN by maximum likelihood; reports validation bits per code."""
-    name, loss_names, seed_offset = "pixelcnn", ("loss",), 2
+    name, loss_names, seed_offset, lr_flag = "pixelcnn", ("loss",), 2, "--pixelcnn-lr"
 
     def __init__(self, cfg, vqvae, data, device, bf16):
         super().__init__(cfg, vqvae, data, device, bf16)

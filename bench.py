@@ -516,7 +516,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="timed steps of our VQ-VAE step and of each end-to-end run "
                    "(default: 8 for paper and 20 for quick on CPU, 30 on CUDA)")
     p.add_argument("--baseline-steps", type=int,
-                   help="timed steps of the baseline and of our GAN step (default: half of --steps, at least 2)")
+                   help="timed steps of the baseline and of our GAN and PixelCNN steps (default: half of --steps, "
+                   "at least 2)")
     p.add_argument("--baseline-items", type=int, default=200, help="images the baseline loader decodes (default: 200)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), help="override the presets' amp setting")
     p.add_argument("--compile", nargs="?", const="inductor", default="off", metavar="BACKEND",

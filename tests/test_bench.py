@@ -13,7 +13,7 @@ import bench
 import bench_baseline
 import config
 from dataset import split_folder_name
-from modules import VQVAE, ConvTranspose2d, VectorQuantizer
+from modules import VQVAE, ConvTranspose2d, PixelCNN, VectorQuantizer
 from train import vqvae_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,15 @@ def test_bench_preset_tiny_bf16(png_root, tmp_path):
     assert r["peak_fraction"] == pytest.approx(r["step_img_s"] * r["gflop_per_img"] / 1e3 / 1.0)
     json.dumps({"results": [r]})  # plain JSON types only
     assert "tiny" in bench.format_table([r])
+
+
+def test_pixelcnn_draw_stops_after_the_row_that_spends_the_budget():
+    cfg = config.preset("tiny")
+    prior = PixelCNN(cfg.pixelcnn, cfg.model)
+    b = bench.Bench(cfg, torch.device("cpu"), bf16=False, warmup=1, steps=1, few_steps=1)
+    assert bench.draw_rows(prior, b, budget_s=0.0) == 1
+    assert bench.draw_rows(prior, b, budget_s=60.0) == cfg.model.latent_size
+    assert prior.training and not prior.head._forward_hooks  # the stopped draw left the model as it was
 
 
 def test_vqvae_step_runs_bf16_channels_last_on_cpu():

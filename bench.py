@@ -4,30 +4,32 @@
     python bench.py --json                            # ... and one JSON line {"results": [...]} last on stdout
     python bench.py --presets paper --device cpu,cuda --data-dir DIR --steps 20
 
-Per device and preset, in images/s unless said:
-  data        iterating the cached split. Ours: the whole split resident on the device as uint8
-              (dataset.load_folder's cache), batches indexed by the epoch permutation and converted to float
-              there (dataset.batches). Baseline, the report's way: a torch Dataset that decodes one PNG per item
-              with skimage.io.imread (skimage.transform.resize only when the size differs), DataLoader with
-              num_workers=0.
-  step        one VQ-VAE training step. Ours: train.train_vqvae's step, line for line (bf16 autocast where
-              runs.use_bf16 says so, channels_last, fused Adam, EMA codebook, no host sync).
-              Baseline: the same Encoder and Decoder (torch's own ConvTranspose2d, as in the report) in fp32,
-              contiguous, with the report's dense one-hot quantizer (one_hot(argmin) @ codebook, codebook +
-              commitment loss), plain Adam, loss.item() per step, run in a fresh process so that it keeps
-              PyTorch's defaults (on CUDA: no cudnn.benchmark, no TF32 matmuls; on CPU: glibc's malloc as it
-              comes, see runs.keep_freed_host_memory).
-  gan         one GAN step as in train.train_gan (D step + G step, snap head), in code maps/s; timed over
-              --baseline-steps steps, since each is several VQ-VAE steps' work on the paper preset.
-  end to end  data + step over a fixed number of batches, which is what an epoch runs at. Ours: batches of the
-              resident split + our step (losses read back every log_every steps, as in training). Baseline:
-              the DataLoader + the baseline step (its step figure is the step part of this same loop).
-  memory      peak CUDA memory allocated during the step (CUDA), or the process's peak RSS during it (CPU:
-              VmHWM, reset per phase through /proc/self/clear_refs where Linux allows, else getrusage's
-              lifetime peak).
-  FLOPs       forward + backward FLOPs per training image, counted by torch.utils.flop_counter on a small
-              batch; peak fraction = achieved step FLOP/s / the device's peak: a datasheet dense-bf16 figure
-              for known GPUs, otherwise a measured large matmul in the training dtype, or --peak-tflops.
+Per device and preset, one phase after another, each timed by `rate` (warm-up steps, then timed steps between
+device syncs), in images/s unless said:
+  data        making training batches. Ours: the whole split resident on the device as uint8 (dataset.load_folder's
+              cache), batches gathered by the epoch permutation and converted to float there, as training makes
+              them (train.training_batch). Baseline (bench_baseline.py), the report's way: a torch Dataset that
+              decodes one PNG per item with skimage.io.imread, DataLoader with num_workers=0.
+  flops       forward + backward FLOPs per training image, counted by torch.utils.flop_counter on a small batch.
+  step        one VQ-VAE training step on one batch, as training takes it (train.VQVAEStage: bf16 autocast where
+              runs.use_bf16 says so, channels_last, fused Adam, EMA codebook, losses read back every log_every
+              steps). Baseline: the same Encoder and Decoder (torch's own ConvTranspose2d) in fp32, contiguous,
+              with the report's dense one-hot quantizer, plain Adam, loss.item() per step.
+  memory      peak CUDA memory allocated during the step phase (CUDA), or the process's peak RSS during it (CPU:
+              VmHWM, reset per phase through /proc/self/clear_refs where Linux allows, else getrusage's lifetime
+              peak).
+  end to end  fresh batches + the step, which is what an epoch runs at. Ours: batches of the resident split;
+              baseline: DataLoader batches.
+  gan         one GAN step (train.GANStage: D step + G step) on the frozen VQ-VAE's code maps, in maps/s; timed
+              over --baseline-steps steps, since each is several VQ-VAE steps' work on the paper preset.
+  pixelcnn    one PixelCNN training step (train.PixelCNNStage) in maps/s, over --baseline-steps steps (on a CPU:
+              half as many, of CPU_PIXELCNN_BATCH maps each); and the seconds to sample 64 maps on the preset's
+              latent grid. A row of the raster is the same work as any other, so where the whole grid would take
+              minutes (the paper preset's 64x64 on a CPU) the draw stops after the row that ends past a time
+              budget and its time is scaled by rows (pixelcnn_sample_rows says how many were drawn).
+  baseline    the baseline's data, step, memory and end-to-end figures, in a fresh process (bench_baseline.py).
+The ratios divide ours by the baseline's; peak fraction = achieved step FLOP/s / the device's peak: a datasheet
+dense-bf16 figure for known GPUs, otherwise a measured large matmul in the training dtype, or --peak-tflops.
 
 Without --data-dir the slices are a small synthetic PNG set written to a temporary folder (the project's
 synthetic generator). Timings on a shared machine are unreliable (the table warns when the load average
@@ -47,22 +49,24 @@ import resource
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
 
+import bench_baseline
 import config
-from dataset import (DataError, batches, epoch_permutation, find_root, list_pngs, load_folder, split_folder_name,
-                     to_float)
-from modules import VQVAE, CodeGenerator, ConvTranspose2d, Decoder, Discriminator, Encoder, Quantized
+from dataset import DataError, Split, find_root, list_pngs, load_folder, split_folder_name
+from evaluate import sample_codes
+from modules import VQVAE
 from runs import RunError, autocast, pick_device, release_freed_host_memory, use_bf16
+from train import GANStage, PixelCNNStage, VQVAEStage, batch_slices, rank_order, setup, training_batch
 
 REQUIRED_KEYS = ("device", "preset", "data_img_s", "baseline_data_img_s", "data_ratio", "step_img_s",
                  "end_to_end_img_s", "baseline_end_to_end_img_s", "end_to_end_ratio", "peak_mem_mb",
-                 "gflop_per_img", "peak_fraction")
+                 "gflop_per_img", "peak_fraction", "pixelcnn_train_maps_s", "pixelcnn_sample_64_s")
 
 # Dense (no sparsity) bf16 tensor-core peaks from the datasheets, TFLOP/s; the first matching name wins.
 CUDA_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0),
@@ -70,13 +74,16 @@ CUDA_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0),
 
 DEFAULT_STEPS = {"cpu": {"paper": 8, "quick": 20}, "cuda": {}}   # timed steps of our VQ-VAE step
 DEFAULT_STEPS_OTHER = {"cpu": 6, "cuda": 30}
+SAMPLE_MAPS = 64                                  # maps per timed PixelCNN draw
+SAMPLE_BUDGET_S = {"cpu": 4.0, "cuda": 60.0}      # seconds of drawing before the rest is scaled by rows
+CPU_PIXELCNN_BATCH = 4                            # maps per timed PixelCNN training step on a CPU
 
 
 def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-# ---------------------------------------------------------------- data
+# ---------------------------------------------------------------- slices to measure on
 
 def write_plain_pngs(root, n: int, size: int = 256, seed: int = 0) -> Path:
     """n gray PNG slices in the OASIS layout (train only): a noisy bright ellipse on black. Fast fallback."""
@@ -97,104 +104,15 @@ def write_plain_pngs(root, n: int, size: int = 256, seed: int = 0) -> Path:
 
 
 def make_png_set(root, n_train: int, size: int = 256) -> Path:
-    """At least n_train training slices in the OASIS layout: the project's synthetic slices when available."""
-    try:
-        from synthetic import write_synthetic_dataset
-    except ImportError:
-        log("synthetic.write_synthetic_dataset not available: writing plain ellipse slices instead")
-        return write_plain_pngs(root, n_train, size)
+    """At least n_train training slices in the OASIS layout: the project's synthetic slices."""
+    from synthetic import write_synthetic_dataset
+
     write_synthetic_dataset(root, cases=(math.ceil(n_train / 32), 1, 1), size=size)
     return Path(root)
 
 
-class PngSlices(torch.utils.data.Dataset):
-    """The report's input pipeline: every item is a PNG decoded (and resized) in Python, every epoch."""
-
-    def __init__(self, folder, size: int):
-        self.files, self.size = list_pngs(Path(folder)), size
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        from skimage.io import imread
-        from skimage.transform import resize
-        from skimage.util import img_as_float32
-
-        img = img_as_float32(imread(self.files[i], as_gray=True))
-        if img.shape != (self.size, self.size):
-            img = resize(img, (self.size, self.size), anti_aliasing=True).astype(np.float32)
-        return torch.from_numpy(img)[None]
-
-
-def baseline_loader(folder, size: int, batch_size: int, seed: int) -> torch.utils.data.DataLoader:
-    return torch.utils.data.DataLoader(PngSlices(folder, size), batch_size=batch_size, shuffle=True,
-                                       num_workers=0, drop_last=True,
-                                       generator=torch.Generator().manual_seed(seed))
-
-
-# ---------------------------------------------------------------- the baseline model
-
-class OneHotQuantizer(nn.Module):
-    """The report's quantizer: dense distances, one_hot(argmin) @ codebook, codebook + commitment loss."""
-
-    def __init__(self, num_codes: int, code_dim: int, beta: float = 0.25):
-        super().__init__()
-        self.num_codes, self.beta = num_codes, beta
-        self.codebook = nn.Parameter(torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes))
-
-    def forward(self, z_e: torch.Tensor) -> Quantized:
-        n, d, h, w = z_e.shape
-        flat = z_e.permute(0, 2, 3, 1).reshape(-1, d)
-        dist = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codebook.t()
-                + self.codebook.pow(2).sum(1)[None])
-        idx = dist.argmin(1)
-        one_hot = F.one_hot(idx, self.num_codes).to(flat.dtype)
-        z_q = one_hot @ self.codebook
-        loss = F.mse_loss(z_q, flat.detach()) + self.beta * F.mse_loss(flat, z_q.detach())
-        z_q = flat + (z_q - flat).detach()
-        return Quantized(z_q.view(n, h, w, d).permute(0, 3, 1, 2), idx.view(n, h, w), loss)
-
-
-class BaselineVQVAE(nn.Module):
-    """The project's Encoder and Decoder around the report's one-hot quantizer, with torch's own layers."""
-
-    def __init__(self, cfg: config.ModelConfig):
-        super().__init__()
-        self.encoder = Encoder(cfg)
-        self.quantizer = OneHotQuantizer(cfg.num_codes, cfg.code_dim, cfg.beta)
-        self.decoder = Decoder(cfg)
-        for layer in self.decoder.modules():
-            if isinstance(layer, ConvTranspose2d):
-                # Ours only moves the bias out of the convolution on CPU (no state of its own): undo that.
-                layer.__class__ = nn.ConvTranspose2d
-
-    def forward(self, x: torch.Tensor):
-        q = self.quantizer(self.encoder(x))
-        return self.decoder(q.z_q), q.loss, q.indices
-
-
-def baseline_step(model, opt, x: torch.Tensor) -> float:
-    recon, vq_loss, _ = model(x)
-    loss = F.mse_loss(recon, x) + vq_loss
-    opt.zero_grad()
-    loss.backward()
-    opt.step()
-    return loss.item()
-
-
-def flush(pending: list) -> None:
-    """The training loops' one host sync per log_every steps."""
-    values = torch.stack(pending).float().cpu()
-    if not torch.isfinite(values).all():
-        raise RuntimeError("loss became NaN or infinite during the benchmark")
-    pending.clear()
-
-
 def train_batches(images_u8: torch.Tensor, batch_size: int, seed: int, device, first_epoch: int = 0):
-    """Training batches exactly as train_vqvae makes them, epoch after epoch."""
-    from train import batch_slices, rank_order, training_batch
-
+    """Training batches exactly as the training loop makes them, epoch after epoch."""
     epoch = first_epoch
     while True:
         order = rank_order(len(images_u8), seed, epoch, device)
@@ -208,6 +126,39 @@ def train_batches(images_u8: torch.Tensor, batch_size: int, seed: int, device, f
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def rate(step, device: torch.device, steps: int, items: int, warmup: int = 0, min_s: float = 0.0) -> float:
+    """Items/s of `step()`, which handles `items` items: `warmup` untimed calls, then at least `steps` timed
+    calls (and as many more as fill `min_s` seconds), between device syncs, so queued GPU work counts in full."""
+    for _ in range(warmup):
+        step()
+    sync(device)
+    done, t0 = 0, time.perf_counter()
+    while done < steps or time.perf_counter() - t0 < min_s:
+        step()
+        done += 1
+    sync(device)
+    return done * items / (time.perf_counter() - t0)
+
+
+def logged(step, log_every: int):
+    """`step` as the training loop calls it: its losses stay on the device and are read back (one host sync)
+    every log_every steps. Call `.flush()` after timing: a NaN or infinite loss is an error."""
+    pending = []
+
+    def flush() -> None:
+        if pending and not torch.isfinite(torch.stack(pending).float().cpu()).all():
+            raise RuntimeError("loss became NaN or infinite during the benchmark")
+        pending.clear()
+
+    def run() -> None:
+        pending.append(step())
+        if len(pending) >= log_every:
+            flush()
+
+    run.flush = flush
+    return run
 
 
 class PeakMemory:
@@ -274,16 +225,11 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype) -> float:
     n = 8192 if device.type == "cuda" else 2048
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    best = math.inf
-    for i in range(4 if device.type == "cuda" else 3):
-        sync(device)
-        t = time.perf_counter()
-        for _ in range(10 if device.type == "cuda" else 1):
-            a @ b
-        sync(device)
-        if i:  # the first round is a warm-up
-            best = min(best, (time.perf_counter() - t) / (10 if device.type == "cuda" else 1))
-    return 2 * n ** 3 / best / 1e12
+    repeats = 10 if device.type == "cuda" else 1
+    best = 0.0
+    for _ in range(3 if device.type == "cuda" else 2):
+        best = max(best, rate(lambda: a @ b, device, steps=repeats, items=2 * n ** 3, warmup=1))
+    return best / 1e12
 
 
 def device_peak(device: torch.device, bf16: bool, override: float | None) -> tuple[float, str]:
@@ -317,190 +263,210 @@ def device_name(device: torch.device) -> str:
     return f"{name}, {torch.get_num_threads()} threads"
 
 
-# ---------------------------------------------------------------- one preset on one device
+# ---------------------------------------------------------------- the phases of one preset on one device
 
-def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int, baseline_steps: int,
-                 baseline_items: int = 200, warmup: int | None = None, peak: tuple[float, str] | None = None,
-                 peak_tflops: float | None = None) -> dict:
-    """All figures of one preset on one device, as one flat dict (see the module docstring)."""
-    from evaluate import encode_split
-    from train import adam, compile_convs, frozen, gan_step, setup, vqvae_step
+@dataclass
+class Bench:
+    """What every phase needs: the preset, where and how it runs, and how many steps to time."""
+    cfg: config.Config
+    device: torch.device
+    bf16: bool
+    warmup: int
+    steps: int          # timed steps of the VQ-VAE
+    few_steps: int      # timed steps of the baseline and the priors (each is several VQ-VAE steps' work)
 
-    load_start = load_average()
-    device, bf16 = setup(cfg, device)
-    warmup = warmup if warmup is not None else (5 if device.type == "cuda" else 2)
-    bs, size = cfg.train.batch_size, cfg.model.image_size
-    out = {"device": device.type, "device_name": device_name(device), "preset": cfg.preset, "image_size": size,
-           "batch_size": bs, "bf16": bf16, "channels_last": True,
-           "compile": cfg.runtime.compile, "steps": steps, "baseline_steps": baseline_steps}
 
-    # ---- ours: the cached split, resident on the device
-    array, _ = load_folder(train_folder, size, cache_dir)
-    train_u8 = torch.from_numpy(array).to(device)
-    del array
-    if len(train_u8) < bs:
-        raise ValueError(f"{train_folder}: {len(train_u8)} slices, fewer than one batch of {bs}")
-    out["train_images"] = len(train_u8)
+def data_phase(b: Bench, train_u8: torch.Tensor) -> dict:
+    """Training batches of the resident split, at least two epochs' worth and half a second."""
+    bs = b.cfg.train.batch_size
+    source = train_batches(train_u8, bs, b.cfg.seed, b.device)
+    epoch_batches = len(batch_slices(len(train_u8), bs))
+    return {"data_img_s": rate(lambda: next(source), b.device, steps=2 * epoch_batches, items=bs, warmup=1,
+                               min_s=0.5)}
 
-    # (a) data: float batches of the resident split, whole epochs, until at least half a second has passed
-    n_img, epoch, t0 = 0, 0, time.perf_counter()
-    while True:
-        for x in batches(train_u8, bs, epoch_permutation(len(train_u8), cfg.seed, epoch, device)):
-            n_img += len(x)
-        epoch += 1
-        sync(device)
-        if time.perf_counter() - t0 >= 0.5 and epoch >= 2:
-            break
-    out["data_img_s"] = n_img / (time.perf_counter() - t0)
 
-    # FLOPs per training image, on a fresh model and a small batch (FLOPs scale with the batch)
-    probe = min(bs, 2)
-    xf = torch.rand(probe, 1, size, size, device=device)
-    out["gflop_per_img"] = training_flops_per_image(
-        VQVAE(cfg.model).to(device, memory_format=torch.channels_last),
-        xf.contiguous(memory_format=torch.channels_last), device, bf16) / 1e9
-    out["baseline_gflop_per_img"] = training_flops_per_image(BaselineVQVAE(cfg.model).to(device), xf, device,
-                                                             False) / 1e9
+def flops_phase(b: Bench) -> dict:
+    """FLOPs per training image of a fresh model of ours and of the baseline's, on a small batch (FLOPs per
+    image do not depend on the batch)."""
+    size = b.cfg.model.image_size
+    x = torch.rand(min(b.cfg.train.batch_size, 2), 1, size, size, device=b.device)
+    ours = VQVAE(b.cfg.model).to(b.device, memory_format=torch.channels_last)
+    base = bench_baseline.BaselineVQVAE(b.cfg.model).to(b.device)
+    return {"gflop_per_img": training_flops_per_image(
+                ours, x.contiguous(memory_format=torch.channels_last), b.device, b.bf16) / 1e9,
+            "baseline_gflop_per_img": training_flops_per_image(base, x, b.device, False) / 1e9}
 
-    # (b) our VQ-VAE step on one batch
-    model = VQVAE(cfg.model).to(device, memory_format=torch.channels_last)
-    opt = adam(model.parameters(), cfg.train.lr, device)
-    compile_convs(model, cfg.runtime.compile)
-    net = model
-    source = train_batches(train_u8, bs, cfg.seed, device)
-    x = next(source)
-    pending = []
-    with PeakMemory(device) as mem:
-        for _ in range(warmup):
-            pending.append(vqvae_step(net, opt, x, device, bf16))
-        flush(pending)
-        sync(device)
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            pending.append(vqvae_step(net, opt, x, device, bf16))
-        sync(device)
-        dt = time.perf_counter() - t0
-    flush(pending)
-    out["step_img_s"] = steps * bs / dt
-    out["peak_mem_mb"], out["mem_kind"] = mem.mb, mem.kind
 
-    # (d) end to end: fresh batches of the resident split + our step, losses read back every log_every steps
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(steps):
-        pending.append(vqvae_step(net, opt, next(source), device, bf16))
-        if len(pending) == cfg.runtime.log_every or i == steps - 1:
-            flush(pending)
-    sync(device)
-    out["end_to_end_img_s"] = steps * bs / (time.perf_counter() - t0)
+def vqvae_step_phase(b: Bench, stage: VQVAEStage) -> dict:
+    """Our VQ-VAE step on one batch, and the peak memory meanwhile (the memory phase)."""
+    x = next(train_batches(stage.train_u8, stage.batch_size, b.cfg.seed, b.device))
+    step = logged(lambda: stage.step(x), b.cfg.runtime.log_every)
+    with PeakMemory(b.device) as mem:
+        img_s = rate(step, b.device, steps=b.steps, items=stage.batch_size, warmup=b.warmup)
+    step.flush()
+    return {"step_img_s": img_s, "peak_mem_mb": mem.mb, "mem_kind": mem.kind}
 
-    # (c) our GAN step on the (now frozen) VQ-VAE's code maps; fewer steps (each is several VQ-VAE steps' work)
-    g_cfg, m_cfg = cfg.gan, cfg.model
-    gan_warmup, gan_steps = max(1, warmup // 2), baseline_steps
-    vqvae = frozen(model)
-    gbs = g_cfg.batch_size
-    real_idx = encode_split(vqvae, train_u8[:gbs], 256, device, bf16)
-    gen = CodeGenerator(g_cfg, m_cfg).to(device)
-    disc = Discriminator(g_cfg, m_cfg.latent_size, m_cfg.code_dim).to(device)
-    opt_g = adam(gen.parameters(), g_cfg.lr, device, (g_cfg.beta1, g_cfg.beta2))
-    opt_d = adam(disc.parameters(), g_cfg.lr, device, (g_cfg.beta1, g_cfg.beta2))
-    gen.train(), disc.train()
-    order = torch.randint(len(real_idx), ((gan_warmup + gan_steps), gbs), device=device)
-    for i in range(gan_warmup):
-        pending.append(gan_step(gen, disc, opt_g, opt_d, vqvae.quantizer.lookup(real_idx[order[i]].long()), vqvae.quantizer,
-                                 g_cfg.noise_dim, device, bf16))
-    flush(pending)
-    sync(device)
-    t0 = time.perf_counter()
-    for i in range(gan_warmup, gan_warmup + gan_steps):
-        pending.append(gan_step(gen, disc, opt_g, opt_d, vqvae.quantizer.lookup(real_idx[order[i]].long()), vqvae.quantizer,
-                                 g_cfg.noise_dim, device, bf16))
-    flush(pending)
-    sync(device)
-    out["gan_img_s"] = gan_steps * gbs / (time.perf_counter() - t0)
-    out["gan_steps"] = gan_steps
-    del model, net, opt, vqvae, gen, disc, opt_g, opt_d, source, x, train_u8, real_idx
+
+def end_to_end_phase(b: Bench, stage: VQVAEStage) -> dict:
+    """Fresh batches of the resident split + our step, as an epoch runs them (the model is warm already)."""
+    source = train_batches(stage.train_u8, stage.batch_size, b.cfg.seed, b.device, first_epoch=1)
+    step = logged(lambda: stage.step(next(source)), b.cfg.runtime.log_every)
+    img_s = rate(step, b.device, steps=b.steps, items=stage.batch_size)
+    step.flush()
+    return {"end_to_end_img_s": img_s}
+
+
+def prior_stage(kind, b: Bench, vqvae: VQVAE, split: Split):
+    """A prior's training stage over the code maps of `split`, ready to step."""
+    one = Split(split.images[:1], split.names[:1], split.folder)  # validation maps: unused here, so one
+    stage = kind(b.cfg, vqvae, {"train": split, "validate": one}, b.device, b.bf16)
+    stage.distribute()
+    stage.train()
+    return stage
+
+
+def prior_step_rate(b: Bench, stage, batch_size: int, steps: int) -> float:
+    """Maps/s of the stage's training step on random batches of its code maps."""
+    warmup = max(1, b.warmup // 2)
+    picks = iter(torch.randint(stage.n_items, (warmup + steps, batch_size), device=b.device))
+    step = logged(lambda: stage.step(stage.batch(next(picks))), b.cfg.runtime.log_every)
+    maps_s = rate(step, b.device, steps=steps, items=batch_size, warmup=warmup)
+    step.flush()
+    return maps_s
+
+
+def gan_phase(b: Bench, vqvae: VQVAE, split: Split) -> dict:
+    stage = prior_stage(GANStage, b, vqvae, split)
+    return {"gan_img_s": prior_step_rate(b, stage, stage.batch_size, b.few_steps), "gan_steps": b.few_steps}
+
+
+class _Enough(Exception):
+    """Ends a timed PixelCNN draw at a row boundary once its time budget is spent."""
+
+
+def draw_rows(prior, b: Bench, budget_s: float) -> int:
+    """Draw SAMPLE_MAPS maps as evaluation does, stopped after the first row that ends past `budget_s` seconds;
+    returns the rows drawn (all of them when the budget allows). The head runs once per grid position."""
+    size, calls, rows, t0 = prior.size, 0, prior.size, time.perf_counter()
+
+    def count(module, inputs, output):
+        nonlocal calls, rows
+        calls += 1
+        if calls % size == 0 and calls < size * size and time.perf_counter() - t0 >= budget_s:
+            rows = calls // size
+            raise _Enough
+
+    hook = prior.head.register_forward_hook(count)
+    try:
+        sample_codes(prior, SAMPLE_MAPS, b.cfg.seed, b.device, b.cfg.pixelcnn)
+    except _Enough:
+        pass
+    finally:
+        hook.remove()
+    return rows
+
+
+def pixelcnn_phase(b: Bench, vqvae: VQVAE, split: Split, budget_s: float) -> dict:
+    """The PixelCNN's training step (maps/s) and the time to sample SAMPLE_MAPS maps on the whole latent grid.
+    On a CPU its steps are few and small, since a paper-preset step of 32 maps takes the better part of a
+    minute there: the figure is then for steps of CPU_PIXELCNN_BATCH maps (pixelcnn_batch), not the preset's."""
+    stage = prior_stage(PixelCNNStage, b, vqvae, split)
+    cpu = b.device.type == "cpu"
+    batch = min(stage.batch_size, CPU_PIXELCNN_BATCH) if cpu else stage.batch_size
+    steps = max(1, b.few_steps // 2) if cpu else b.few_steps
+    out = {"pixelcnn_train_maps_s": prior_step_rate(b, stage, batch, steps), "pixelcnn_steps": steps,
+           "pixelcnn_batch": batch}
+    if b.device.type == "cuda":
+        draw_rows(stage.prior, b, budget_s=0.0)  # one row: cudnn.benchmark picks its kernels outside the timing
+    rows = []
+    seconds = 1 / rate(lambda: rows.append(draw_rows(stage.prior, b, budget_s)), b.device, steps=1, items=1)
+    out["pixelcnn_sample_64_s"] = seconds * stage.prior.size / rows[0]
+    out["pixelcnn_sample_rows"], out["latent_size"] = rows[0], stage.prior.size
+    return out
+
+
+def baseline_phase(b: Bench, train_folder, items: int) -> dict:
+    """The baseline's figures, from a fresh process: none of our settings (backend flags, the allocator's
+    keep_freed_host_memory) may leak into it."""
+    spawn = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+        return pool.submit(bench_baseline.measure, b.cfg, b.device, train_folder, b.few_steps, items).result()
+
+
+def ratios(out: dict, peak: tuple[float, str]) -> dict:
+    """Ours over the baseline's, and the step's FLOP rates against the device's peak."""
+    peak_tf, peak_src = peak
+    achieved = out["step_img_s"] * out["gflop_per_img"] / 1e3
+    base_achieved = out["baseline_step_img_s"] * out["baseline_gflop_per_img"] / 1e3
+    return {"data_ratio": out["data_img_s"] / out["baseline_data_img_s"],
+            "step_ratio": out["step_img_s"] / out["baseline_step_img_s"],
+            "end_to_end_ratio": out["end_to_end_img_s"] / out["baseline_end_to_end_img_s"],
+            "peak_tflops": peak_tf, "peak_source": peak_src,
+            "achieved_tflops": achieved, "baseline_achieved_tflops": base_achieved,
+            "peak_fraction": achieved / peak_tf, "baseline_peak_fraction": base_achieved / peak_tf}
+
+
+def free_memory(device: torch.device) -> None:
+    """Return what our phases held, so that the baseline's process does not share the machine with our peak."""
     gc.collect()
-    release_freed_host_memory()  # the baseline's process should not have to share the machine with our peak
+    release_freed_host_memory()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 
-    # ---- baseline, the report's way, in a fresh process: none of our settings (backend flags, the allocator's
-    # keep_freed_host_memory) may leak into it
-    spawn = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-        out.update(pool.submit(baseline, cfg, device, train_folder, baseline_steps, baseline_items).result())
 
-    # ratios and FLOP rates
-    out["data_ratio"] = out["data_img_s"] / out["baseline_data_img_s"]
-    out["step_ratio"] = out["step_img_s"] / out["baseline_step_img_s"]
-    out["end_to_end_ratio"] = out["end_to_end_img_s"] / out["baseline_end_to_end_img_s"]
-    peak_tf, peak_src = peak or device_peak(device, bf16, peak_tflops)
-    out["peak_tflops"], out["peak_source"] = peak_tf, peak_src
-    out["achieved_tflops"] = out["step_img_s"] * out["gflop_per_img"] / 1e3
-    out["baseline_achieved_tflops"] = out["baseline_step_img_s"] * out["baseline_gflop_per_img"] / 1e3
-    out["peak_fraction"] = out["achieved_tflops"] / peak_tf
-    out["baseline_peak_fraction"] = out["baseline_achieved_tflops"] / peak_tf
+def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int, baseline_steps: int,
+                 baseline_items: int = 200, warmup: int | None = None, peak: tuple[float, str] | None = None,
+                 peak_tflops: float | None = None, sample_budget_s: float | None = None) -> dict:
+    """All figures of one preset on one device, as one flat dict (see the module docstring)."""
+    load_start = load_average()
+    device, bf16 = setup(cfg, device)
+    warmup = warmup if warmup is not None else (5 if device.type == "cuda" else 2)
+    b = Bench(cfg, device, bf16, warmup, steps, baseline_steps)
+    out = {"device": device.type, "device_name": device_name(device), "preset": cfg.preset,
+           "image_size": cfg.model.image_size, "batch_size": cfg.train.batch_size, "bf16": bf16,
+           "channels_last": True, "compile": cfg.runtime.compile, "steps": steps, "baseline_steps": baseline_steps}
+
+    array, names = load_folder(train_folder, cfg.model.image_size, cache_dir)
+    if len(array) < cfg.train.batch_size:
+        raise ValueError(f"{train_folder}: {len(array)} slices, fewer than one batch of {cfg.train.batch_size}")
+    split = Split(torch.from_numpy(array).to(device), names, Path(train_folder))
+    del array
+    out["train_images"] = len(split)
+
+    out.update(data_phase(b, split.images))
+    out.update(flops_phase(b))
+    vq_stage = VQVAEStage(cfg, {"train": split, "validate": split}, device, bf16)
+    vq_stage.distribute()
+    vq_stage.train()
+    out.update(vqvae_step_phase(b, vq_stage))
+    out.update(end_to_end_phase(b, vq_stage))
+    # the priors train on the code maps of a few batches' worth of slices
+    n_maps = max(cfg.gan.batch_size, cfg.pixelcnn.batch_size)
+    few = Split(split.images[:n_maps], names[:n_maps], split.folder)
+    out.update(gan_phase(b, vq_stage.model, few))
+    out.update(pixelcnn_phase(b, vq_stage.model, few, sample_budget_s or SAMPLE_BUDGET_S.get(device.type, 60.0)))
+    del vq_stage, split, few
+    free_memory(device)
+
+    out.update(baseline_phase(b, train_folder, baseline_items))
+    out.update(ratios(out, peak or device_peak(device, bf16, peak_tflops)))
     out["load_avg_1min"] = max(load_start, load_average())
     return out
-
-
-def baseline(cfg: config.Config, device, train_folder, baseline_steps: int, baseline_items: int) -> dict:
-    """The baseline's data, step and end-to-end figures, as bench_preset's baseline_* keys."""
-    out = {}
-    bs, size = cfg.train.batch_size, cfg.model.image_size
-    loader = baseline_loader(train_folder, size, bs, cfg.seed)
-    loader.dataset[0]  # imports and first-call costs out of the timing
-    # (a) data: per-item decode through the DataLoader, about baseline_items images
-    n_img, t0 = 0, time.perf_counter()
-    for xb in loader:
-        n_img += len(xb.to(device))
-        if n_img >= baseline_items:
-            break
-    sync(device)
-    out["baseline_data_img_s"] = n_img / (time.perf_counter() - t0)
-
-    # (b) + (d): DataLoader batches + the baseline step; one warm-up batch, then baseline_steps timed ones
-    base = BaselineVQVAE(cfg.model).to(device)
-    base_opt = torch.optim.Adam(base.parameters(), lr=cfg.train.lr)
-    batches_needed = 1 + baseline_steps
-    with PeakMemory(device) as base_mem:
-        it, done, step_time = _cycle(loader), 0, 0.0
-        baseline_step(base, base_opt, next(it).to(device))
-        sync(device)
-        t0 = time.perf_counter()
-        while done < batches_needed - 1:
-            xb = next(it).to(device)
-            sync(device)
-            ts = time.perf_counter()
-            baseline_step(base, base_opt, xb)
-            sync(device)
-            step_time += time.perf_counter() - ts
-            done += 1
-        total = time.perf_counter() - t0
-    out["baseline_step_img_s"] = baseline_steps * bs / step_time
-    out["baseline_end_to_end_img_s"] = baseline_steps * bs / total
-    out["baseline_peak_mem_mb"] = base_mem.mb
-    return out
-
-
-def _cycle(loader):
-    while True:
-        yield from loader
 
 
 # ---------------------------------------------------------------- output
 
 def format_table(results: list[dict]) -> str:
     head = ("device", "preset", "data img/s", "base", "x", "step img/s", "base", "x", "e2e img/s", "base", "x",
-            "GAN maps/s", "peak MB", "base MB", "GFLOP/img", "TFLOP/s", "of peak")
+            "GAN maps/s", "PixelCNN maps/s", "64 samples s", "peak MB", "base MB", "GFLOP/img", "TFLOP/s", "of peak")
     rows = [head]
     for r in results:
         rows.append((r["device"], f"{r['preset']} {r['image_size']}px bs{r['batch_size']}",
                      f"{r['data_img_s']:.0f}", f"{r['baseline_data_img_s']:.0f}", f"{r['data_ratio']:.0f}x",
                      f"{r['step_img_s']:.1f}", f"{r['baseline_step_img_s']:.1f}", f"{r['step_ratio']:.1f}x",
                      f"{r['end_to_end_img_s']:.1f}", f"{r['baseline_end_to_end_img_s']:.1f}",
-                     f"{r['end_to_end_ratio']:.1f}x", f"{r['gan_img_s']:.0f}", f"{r['peak_mem_mb']:.0f}",
+                     f"{r['end_to_end_ratio']:.1f}x", f"{r['gan_img_s']:.0f}",
+                     f"{r['pixelcnn_train_maps_s']:.0f}", f"{r['pixelcnn_sample_64_s']:.3g}", f"{r['peak_mem_mb']:.0f}",
                      f"{r['baseline_peak_mem_mb']:.0f}", f"{r['gflop_per_img']:.3g}",
                      f"{r['achieved_tflops']:.3g}", f"{r['peak_fraction']:.1%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
@@ -508,17 +474,24 @@ def format_table(results: list[dict]) -> str:
              for row in rows]
     notes = []
     for r in results:
+        compiled = ", compiled" if r["compile"] != "off" else ""
         notes.append(f"{r['device']} {r['preset']}: {r['device_name']}; bf16 {'on' if r['bf16'] else 'off'}, "
-                     f"channels_last{', compiled' if r['compile'] != 'off' else ''}; {r['steps']} timed steps (baseline {r['baseline_steps']}); "
+                     f"channels_last{compiled}; {r['steps']} timed steps (baseline {r['baseline_steps']}); "
                      f"memory = {r['mem_kind']}; peak {r['peak_tflops']:.3f} TFLOP/s = {r['peak_source']}; "
                      f"baseline {r['baseline_gflop_per_img']:.3g} GFLOP/img at "
                      f"{r['baseline_peak_fraction']:.1%} of peak")
+        pixelcnn = f"  PixelCNN: {r['pixelcnn_steps']} timed steps of {r['pixelcnn_batch']} maps"
+        if r["pixelcnn_sample_rows"] < r["latent_size"]:
+            pixelcnn += (f"; sampling drew {r['pixelcnn_sample_rows']} of {r['latent_size']} rows, its time "
+                         "scaled to the whole grid")
+        notes.append(pixelcnn)
         cores = os.cpu_count() or 1
         if r["device"] == "cpu" and r["load_avg_1min"] > 1.25 * cores:
             notes.append(f"  WARNING: load average reached {r['load_avg_1min']:.1f} on {cores} cores during this "
                          "preset: other jobs shared the CPU, so these timings are unreliable")
     notes.append("baseline = the report's way: skimage.io.imread per item in a DataLoader(num_workers=0), fp32, "
-                 "contiguous, dense one-hot quantizer, plain Adam, loss.item() per step; GAN: train_gan's step")
+                 "contiguous, dense one-hot quantizer, plain Adam, loss.item() per step; GAN and PixelCNN: their "
+                 "training stages' step")
     return "\n".join(lines + [""] + notes)
 
 
@@ -543,7 +516,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, help="timed steps of our VQ-VAE step and of each end-to-end run "
                    "(default: 8 for paper and 20 for quick on CPU, 30 on CUDA)")
     p.add_argument("--baseline-steps", type=int,
-                   help="timed steps of the baseline and of our GAN step (default: half of --steps, at least 2)")
+                   help="timed steps of the baseline and of our GAN and PixelCNN steps (default: half of --steps, "
+                   "at least 2)")
     p.add_argument("--baseline-items", type=int, default=200, help="images the baseline loader decodes (default: 200)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), help="override the presets' amp setting")
     p.add_argument("--compile", nargs="?", const="inductor", default="off", metavar="BACKEND",

@@ -168,7 +168,7 @@ def _paper() -> Config:
 
 
 def _quick() -> Config:
-    # Minutes on a 2-core CPU: half resolution, narrower layers, K=128 so that a few thousand training
+    # Small enough for a CPU: half resolution, narrower layers, K=128 so that a few thousand training
     # slices can still use nearly every code.
     return Config(
         preset="quick",

@@ -1,7 +1,8 @@
 """OASIS slice splits: find them, decode every PNG once into a uint8 cache, serve batches from the device.
 
     python dataset.py --data-dir DIR            # counts, image size, intensity statistics, cache, montage
-    python dataset.py --synthetic OUT [--cases N]   # write the built-in synthetic set in the OASIS layout
+
+(`python synthetic.py OUT` writes the built-in synthetic set in the OASIS layout.)
 
 `DIR` is the folder holding `keras_png_slices_{train,validate,test}` or its parent (the folder that holds
 `keras_png_slices_data`). Segmentation folders (`keras_png_slices_seg_*`) and non-PNG files are ignored.
@@ -295,26 +296,22 @@ def epoch_permutation(n: int, seed: int, epoch: int, device="cpu") -> torch.Tens
 
 def to_float(images_u8: torch.Tensor) -> torch.Tensor:
     """uint8 slices -> float32 in [0, 1], on whatever device they live on."""
-    # Two passes, yet 3x faster on CPU than the one mixed-dtype `images_u8 * (1 / 255)`, whose CPU kernel casts
-    # element by element; the values are bit-identical (tests/test_dataset.py).
+    # Two passes, yet faster on CPU than the one mixed-dtype `images_u8 * (1 / 255)`, whose CPU kernel casts
+    # element by element instead of running vectorised; the values are bit-identical (tests/test_dataset.py).
     return images_u8.float().mul_(1.0 / 255.0)
 
 
 def gather(images_u8: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """images_u8[idx] for a 1-D integer index on the same device: index_select copies whole slices, 7x faster
-    on CPU than indexing."""
+    """images_u8[idx] for a 1-D integer index on the same device: index_select copies whole slices at once,
+    where advanced indexing on CPU computes an offset per element."""
     return images_u8.index_select(0, idx)
 
 
-def batches(images_u8: torch.Tensor, batch_size: int, order: torch.Tensor | None = None, drop_last: bool = False):
-    """Float batches indexed straight out of the resident uint8 tensor: no per-image Python."""
-    n = len(images_u8) if order is None else len(order)
-    stop = n - n % batch_size if drop_last and n >= batch_size else n
-    for start in range(0, stop, batch_size):
-        if order is None:
-            yield to_float(images_u8[start:start + batch_size])
-        else:
-            yield to_float(gather(images_u8, order[start:start + batch_size]))
+def batches(images_u8: torch.Tensor, batch_size: int):
+    """Float batches of the resident uint8 tensor in order, the last one ragged: no per-image Python.
+    (Training batches: train.training_batch.)"""
+    for start in range(0, len(images_u8), batch_size):
+        yield to_float(images_u8[start:start + batch_size])
 
 
 # ---------------------------------------------------------------- built-in data
@@ -328,19 +325,12 @@ def ensure_builtin(out_dir=BUILTIN_DIR, size: int = 256) -> Path:
     return out_dir
 
 
-def split_cases(total: int) -> tuple[int, int, int]:
-    held = max(1, round(total * 0.115))
-    if total - 2 * held < 1:
-        raise DataError(f"--cases {total}: need at least 3 cases (one per split)")
-    return total - 2 * held, held, held
-
-
 # ---------------------------------------------------------------- CLI
 
 def intensity_stats(images_u8: torch.Tensor, chunk: int = 512) -> dict:
     """Mean, std, background fraction and mean of non-zero pixels, in chunks: a whole OASIS split as float
     would take gigabytes."""
-    total = total_sq = zeros = brain = 0.0
+    total = total_sq = zeros = 0.0
     for start in range(0, len(images_u8), chunk):
         x = images_u8[start:start + chunk].double() / 255
         total, total_sq = total + float(x.sum()), total_sq + float(x.pow(2).sum())
@@ -371,24 +361,18 @@ def describe(data_dir, size: int, cache_dir, skip_bad: bool, montage: Path) -> N
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", help="OASIS folder (holding keras_png_slices_{train,validate,test}) to describe")
-    p.add_argument("--synthetic", metavar="OUT_DIR", help="write the built-in synthetic set here")
-    p.add_argument("--cases", type=int, default=52, help="cases to write with --synthetic, 32 slices each (default: 52)")
+    p.add_argument("--data-dir", required=True,
+                   help="OASIS folder (holding keras_png_slices_{train,validate,test}) to describe")
     p.add_argument("--size", type=int, default=256, help="slice size in pixels (default: 256)")
-    p.add_argument("--cache-dir", help="where decoded splits are cached (default: $OASIS_VQVAE_CACHE or ~/.cache/oasis-vqvae)")
+    p.add_argument("--cache-dir",
+                   help="where decoded splits are cached (default: $OASIS_VQVAE_CACHE or ~/.cache/oasis-vqvae)")
     p.add_argument("--skip-bad", action="store_true", help="skip undecodable or unreadable PNGs with a warning")
-    p.add_argument("--montage", type=Path, default=Path("montage.png"), help="montage PNG to write (default: montage.png)")
+    p.add_argument("--montage", type=Path, default=Path("montage.png"),
+                   help="montage PNG to write (default: montage.png)")
     args = p.parse_args(argv)
-    if not args.data_dir and not args.synthetic:
-        p.error("give --data-dir DIR or --synthetic OUT_DIR")
     try:
-        if args.synthetic:
-            from synthetic import write_synthetic_dataset
-            counts = write_synthetic_dataset(args.synthetic, cases=split_cases(args.cases), size=args.size)
-            print(f"wrote {counts} slices to {args.synthetic}")
-        if args.data_dir:
-            describe(args.data_dir, args.size, args.cache_dir, args.skip_bad, args.montage)
-    except (DataError, FileExistsError) as e:
+        describe(args.data_dir, args.size, args.cache_dir, args.skip_bad, args.montage)
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: cache writes remove their temp files on the way out; nothing else to undo

@@ -112,6 +112,29 @@ def save_side_by_side(rows: dict[str, torch.Tensor], path, title: str = "") -> P
         return _save(fig, path)
 
 
+def save_captioned_rows(rows: dict[str, list[tuple[str, np.ndarray]]], path, title: str = "",
+                        credit: str = "") -> Path:
+    """One labelled row per entry of (caption, uint8 H x W slice) pairs, e.g. synthetic over real slices, with
+    an optional credit line at the bottom."""
+    n = max(len(v) for v in rows.values())
+    with plt.rc_context(DARK):
+        fig, axes = plt.subplots(len(rows), n, figsize=(2.0 * n, 2.3 * len(rows)), dpi=110, squeeze=False)
+        for r, (label, items) in enumerate(rows.items()):
+            for i in range(n):
+                if i < len(items):
+                    _image_axes(axes[r, i], items[i][1], vmin=0, vmax=255)
+                    axes[r, i].set_title(items[i][0], color="0.7", fontsize=7)
+                    for spine in axes[r, i].spines.values():
+                        spine.set_visible(False)
+                else:
+                    axes[r, i].axis("off")
+            axes[r, 0].set_ylabel(label, fontsize=10)
+        fig.suptitle(title, fontsize=11)
+        if credit:
+            fig.text(0.5, 0.01, credit, color="0.6", fontsize=7, ha="center", va="bottom")
+        return _save(fig, path)
+
+
 def save_zoom(images: torch.Tensor, path, title: str = "") -> Path:
     """A 2x3 subset large enough to judge anatomy."""
     with plt.rc_context(DARK):

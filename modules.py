@@ -37,9 +37,9 @@ def residual_stack(channels: int, hidden: int, n: int) -> nn.Sequential:
 class ConvTranspose2d(nn.ConvTranspose2d):
     """nn.ConvTranspose2d with its bias added after the convolution on CPU. Same parameters and state-dict keys.
 
-    PyTorch's CPU (oneDNN) transposed-convolution backward takes longer over the bias gradient than over the
-    convolution itself: the paper decoder's 128 -> 64 layer (batch 32, bf16) measured 229 ms forward + backward
-    with the bias inside and 136 ms with it outside. On CUDA the fused bias is the fast one.
+    PyTorch's CPU (oneDNN) transposed-convolution backward spends longer on the fused bias gradient than on the
+    convolution itself; added outside, the bias's gradient is one plain sum over batch and pixels. On CUDA the
+    fused bias is the fast one.
     """
 
     def forward(self, x, output_size=None):
@@ -447,8 +447,8 @@ class PixelCNN(nn.Module):
         device = torch.device(device) if device is not None else self.embed.weight.device
         was_training, threads = self.training, torch.get_num_threads()
         self.eval()
-        if device.type == "cpu":  # each step's tensors are tiny: a second thread only adds waiting (10x slower
-            torch.set_num_threads(1)  # measured on a busy 2-core CPU)
+        if device.type == "cpu":  # each step's tensors are tiny: a second thread has no work to share, only
+            torch.set_num_threads(1)  # a wake-up to wait for, per op (long where other jobs hold the cores)
         try:
             return self._sample(n, generator, temperature, top_k, device)
         finally:

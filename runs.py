@@ -103,10 +103,10 @@ def keep_freed_host_memory() -> bool:
 
     PyTorch allocates CPU tensors with plain malloc, and glibc serves blocks above its mmap threshold (at most
     32 MB) with fresh mmaps: every activation of the paper preset is mapped anew each step and the kernel
-    zero-fills it page by page, about 2.5 GB of page faults per step. With mmap off and the heap trimmed only
-    above 2 GiB of free space (much like CUDA's caching allocator), the same step measured 18 -> 29 images/s
-    on the 2-core dev CPU. The price: the process holds on to its peak memory. A no-op off Linux and where
-    malloc is not glibc's.
+    zero-fills it page by page, gigabytes of page faults per step. With mmap off and the heap trimmed only
+    above 2 GiB of free space (much like CUDA's caching allocator), memory freed after one step serves the next
+    without a fault. The price: the process holds on to its peak memory. A no-op off Linux and where malloc is
+    not glibc's.
     """
     mallopt = _libc_function("mallopt")
     if mallopt is None:
@@ -134,8 +134,8 @@ def _libc_function(name: str):
 
 
 def cpu_has_fast_bf16() -> bool:
-    # Measured on the 2-core dev CPU (AVX512-BF16/AMX): bf16 autocast trains the quick preset 1.9x faster.
-    # Without those instructions bf16 is emulated and slower than fp32.
+    # With AVX512-BF16 or AMX the CPU computes bf16 products natively, more per instruction than fp32, and bf16
+    # activations move half the bytes; without them bf16 is emulated through fp32 and slower than plain fp32.
     try:
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except AttributeError:

@@ -26,8 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dataset import SPLITS, split_folder_name
+
 N_SLICES = 32
-SPLITS = ("train", "validate", "test")
 
 # Tissue intensities on the real set's 0..255 scale (its 99.5th brain percentile is mapped to 255).
 WM, GM, DEEP_GM, CSF = 240.0, 122.0, 180.0, 34.0
@@ -342,10 +343,6 @@ def synthetic_case(case_seed: int, size: int = 256, n_slices: int = N_SLICES) ->
 
 # ---------------------------------------------------------------- the OASIS-layout set
 
-def split_folder(split: str) -> str:
-    return f"keras_png_slices_{split}"
-
-
 def slice_filename(case: int, slice_index: int) -> str:
     return f"case_{case:03d}_slice_{slice_index}.nii.png"
 
@@ -368,7 +365,7 @@ def _move_into_place(tmp: Path, out: Path) -> None:
         os.replace(tmp, out)
         return
     for split in SPLITS:
-        os.replace(tmp / split_folder(split), out / split_folder(split))
+        os.replace(tmp / split_folder_name(split), out / split_folder_name(split))
     tmp.rmdir()
 
 
@@ -381,7 +378,7 @@ def write_synthetic_dataset(out_dir, cases=(40, 6, 6), size: int = 256, seed: in
     so an interrupted run leaves nothing that looks like a dataset.
     """
     out = Path(out_dir).resolve()      # resolved so that "." still has a parent to hold the temp folder
-    present = [split_folder(s) for s in SPLITS if (out / split_folder(s)).exists()]
+    present = [split_folder_name(s) for s in SPLITS if (out / split_folder_name(s)).exists()]
     if present:
         raise FileExistsError(f"{out} already holds a slice set ({', '.join(present)}); "
                               "delete those folders or choose another out_dir")
@@ -391,11 +388,11 @@ def write_synthetic_dataset(out_dir, cases=(40, 6, 6), size: int = 256, seed: in
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     jobs = []
     for split, count in zip(SPLITS, cases):
-        (tmp / split_folder(split)).mkdir()
+        (tmp / split_folder_name(split)).mkdir()
         jobs += [(split, len(jobs) + i + 1) for i in range(count)]
     try:
         for split, case in _progress(jobs, progress):
-            _write_case(tmp / split_folder(split), case, synthetic_case(case_seed(seed, case), size))
+            _write_case(tmp / split_folder_name(split), case, synthetic_case(case_seed(seed, case), size))
         _move_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -447,32 +444,17 @@ DS002748_CREDIT = ("Real slices: OpenNeuro ds002748 v1.0.5 (CC0), Bezmaternykh e
 def side_by_side_figure(synthetic_dir, real_dir, out_png, n=6, seed=0,
                         real_label="real\n(OpenNeuro ds002748)", credit=DS002748_CREDIT) -> None:
     """Top row: n built-in synthetic slices; bottom row: n real slices at the same stack positions.
-    Pass real_label and credit when the real row comes from another source."""
-    from matplotlib.figure import Figure     # no pyplot: works headless without touching the backend
+    Pass real_label and credit when the real row comes from another source. figures.py draws it."""
+    from figures import save_captioned_rows
 
     rng = np.random.default_rng(seed)
     positions = np.linspace(0.05, 0.95, n)
-    rows = [("built-in synthetic", _pick(_index_slices(synthetic_dir), positions, rng)),
-            (real_label, _pick(_index_slices(real_dir), positions, rng))]
-    fig = Figure(figsize=(2.0 * n, 4.6), facecolor="black")
-    axes = fig.subplots(2, n, squeeze=False)
-    for r, (label, paths) in enumerate(rows):
-        for c, path in enumerate(paths):
-            ax = axes[r, c]
-            ax.imshow(np.asarray(Image.open(path).convert("L")), cmap="gray", vmin=0, vmax=255)
-            ax.set_xticks([]), ax.set_yticks([])
-            ax.set_facecolor("black")
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-            ax.set_title(path.name.replace(".nii.png", ""), color="0.7", fontsize=7)
-        axes[r, 0].set_ylabel(label, color="white", fontsize=10)
-    fig.suptitle("Built-in synthetic slices (top) vs real T1 slices (bottom), same stack positions",
-                 color="white", fontsize=11)
-    if credit:
-        fig.text(0.5, 0.01, credit, color="0.6", fontsize=7, ha="center", va="bottom")
-    fig.subplots_adjust(left=0.04, right=0.995, bottom=0.04, top=0.88, wspace=0.03, hspace=0.12)
-    Path(out_png).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_png, dpi=110, facecolor="black")
+    rows = {"built-in synthetic": _pick(_index_slices(synthetic_dir), positions, rng),
+            real_label: _pick(_index_slices(real_dir), positions, rng)}
+    save_captioned_rows({label: [(path.name.replace(".nii.png", ""), np.asarray(Image.open(path).convert("L")))
+                                 for path in paths] for label, paths in rows.items()},
+                        out_png, "Built-in synthetic slices (top) vs real T1 slices (bottom), same stack positions",
+                        credit)
 
 
 # ---------------------------------------------------------------- CLI
@@ -488,7 +470,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.figure and not args.real:
         ap.error("--figure needs --real DIR")
-    if not (Path(args.out_dir) / split_folder("train")).is_dir():
+    if not (Path(args.out_dir) / split_folder_name("train")).is_dir():
         counts = write_synthetic_dataset(args.out_dir, tuple(args.cases), args.size, args.seed)
         print(f"wrote {counts} slices to {args.out_dir}")
     if args.figure:

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 import bench
+import bench_baseline
 import config
 from dataset import split_folder_name
-from modules import VQVAE, ConvTranspose2d, VectorQuantizer
+from modules import VQVAE, ConvTranspose2d, PixelCNN, VectorQuantizer
 from train import vqvae_step
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,9 +53,19 @@ def test_bench_preset_tiny_bf16(png_root, tmp_path):
                            baseline_steps=2, baseline_items=16, warmup=1, peak=(1.0, "test"))
     check_result(r, "tiny")
     assert r["bf16"] is True and r["train_images"] == 40
+    assert r["pixelcnn_sample_rows"] == r["latent_size"] == 8  # the tiny grid is drawn whole, not scaled
     assert r["peak_fraction"] == pytest.approx(r["step_img_s"] * r["gflop_per_img"] / 1e3 / 1.0)
     json.dumps({"results": [r]})  # plain JSON types only
     assert "tiny" in bench.format_table([r])
+
+
+def test_pixelcnn_draw_stops_after_the_row_that_spends_the_budget():
+    cfg = config.preset("tiny")
+    prior = PixelCNN(cfg.pixelcnn, cfg.model)
+    b = bench.Bench(cfg, torch.device("cpu"), bf16=False, warmup=1, steps=1, few_steps=1)
+    assert bench.draw_rows(prior, b, budget_s=0.0) == 1
+    assert bench.draw_rows(prior, b, budget_s=60.0) == cfg.model.latent_size
+    assert prior.training and not prior.head._forward_hooks  # the stopped draw left the model as it was
 
 
 def test_vqvae_step_runs_bf16_channels_last_on_cpu():
@@ -77,7 +88,7 @@ def test_vqvae_step_runs_bf16_channels_last_on_cpu():
 def test_one_hot_quantizer_is_the_same_quantizer():
     torch.manual_seed(0)
     K, D = 32, 8
-    base = bench.OneHotQuantizer(K, D, beta=0.25)
+    base = bench_baseline.OneHotQuantizer(K, D, beta=0.25)
     ours = VectorQuantizer(K, D, beta=0.25, mode="loss").eval()  # eval: no codebook init or updates
     codes = torch.randn(K, D)
     with torch.no_grad():
@@ -93,7 +104,7 @@ def test_one_hot_quantizer_is_the_same_quantizer():
 
 
 def test_baseline_uses_torchs_own_transposed_convolutions():
-    layers = list(bench.BaselineVQVAE(config.preset("tiny").model).modules())
+    layers = list(bench_baseline.BaselineVQVAE(config.preset("tiny").model).modules())
     assert any(type(m) is torch.nn.ConvTranspose2d for m in layers)
     assert not any(isinstance(m, ConvTranspose2d) for m in layers)
 

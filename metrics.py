@@ -446,8 +446,9 @@ def c2st(a: torch.Tensor, b: torch.Tensor, seeds: int = 3, steps: int = 600, bat
     Both sets are cut to the same size n (the first n of each) and into contiguous halves; a fresh
     :class:`_JudgeNet` is trained for ``steps`` Adam steps on randomly shifted and mirrored batches from one
     half of each (balanced, labels 0/1) and scored on the other halves. Real splits are ordered by person, so
-    the halves hold different people: the judge must tell realism, not recognise people. Odd seeds swap the halves, so every item is held out at least once.
-    Images larger than ``max_size`` are average-pooled down to it (fine texture at the code-grid scale
+    the halves hold different people: the judge must tell realism, not recognise people. Odd seeds swap the
+    halves, so every item is held out at least once. Images larger than ``max_size`` are average-pooled down
+    to it (fine texture at the code-grid scale
     survives a 2x pool). Returns {"accuracy": mean held-out accuracy over ``seeds`` runs, "std", "runs", "n"}:
     0.5 means the sets cannot be told apart, 1.0 that they always can. Deterministic for given inputs.
     """

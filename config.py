@@ -85,6 +85,32 @@ class PixelCNNConfig:
 
 
 @dataclass
+class MaskGITConfig:
+    hidden: int = 128            # transformer width
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: int = 4
+    tokens: int = 16             # token grid side; each token holds (latent_size / tokens)^2 codes
+    dropout: float = 0.0
+    label_smoothing: float = 0.1
+    conv_mlp: bool = True        # depthwise 3x3 conv on the token grid inside each MLP: neighbours matter most
+    epochs: int = 8
+    batch_size: int = 16
+    lr: float = 2e-3             # AdamW (0.9, 0.95), linear warm-up then cosine decay
+    weight_decay: float = 0.05
+    warmup_steps: int = 40
+    steps: int = 12              # parallel decoding steps when sampling
+    temperature: float = 1.0     # chosen on the validation split by the judge (README)
+    choice_temperature: float = 4.5  # noise on the confidence that picks which tokens stay fixed
+    top_k: int = 0
+
+    def sampling(self) -> dict:
+        """Keyword arguments of the prior's `sample`."""
+        return {"steps": self.steps, "temperature": self.temperature, "choice_temperature": self.choice_temperature,
+                "top_k": self.top_k}
+
+
+@dataclass
 class JudgeConfig:
     """The classifier two-sample test (metrics.c2st) that judges generated slices."""
     seeds: int = 3               # classifiers trained, each on one half of both sets and scored on the other
@@ -92,8 +118,8 @@ class JudgeConfig:
 
 
 # The priors that generate new code maps, by the name used in --prior, config files and checkpoint names.
-PRIORS = ("gan", "pixelcnn")
-DEFAULT_PRIOR = "gan"
+PRIORS = ("gan", "pixelcnn", "maskgit")
+DEFAULT_PRIOR = "maskgit"
 
 
 @dataclass
@@ -107,6 +133,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     gan: GANConfig = field(default_factory=GANConfig)
     pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
+    maskgit: MaskGITConfig = field(default_factory=MaskGITConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
     n_samples: int = 512         # generated slices for the generation metrics (figures show the first 64)
 
@@ -189,6 +216,7 @@ def _tiny() -> Config:
         runtime=RuntimeConfig(log_every=2),
         gan=GANConfig(noise_dim=16, g_width=32, d_width=8, epochs=2, batch_size=8),
         pixelcnn=PixelCNNConfig(hidden=16, layers=2, epochs=2, batch_size=8),
+        maskgit=MaskGITConfig(hidden=16, layers=1, heads=2, tokens=4, epochs=2, batch_size=8, warmup_steps=2, steps=4),
         judge=JudgeConfig(seeds=2, steps=5),  # plumbing only: tests/test_metrics.py checks the judge itself
         n_samples=8,
     )

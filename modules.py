@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from config import Config, GANConfig, ModelConfig, PixelCNNConfig
+from priors import MaskGITPrior
 
 
 # ---------------------------------------------------------------- VQ-VAE
@@ -481,7 +482,7 @@ class PixelCNN(nn.Module):
 
 # ---------------------------------------------------------------- priors by name
 
-PRIOR_MODELS = {"gan": CodeGenerator, "pixelcnn": PixelCNN}
+PRIOR_MODELS = {"gan": CodeGenerator, "pixelcnn": PixelCNN, "maskgit": MaskGITPrior}
 
 
 def build_prior(name: str, cfg: Config) -> nn.Module:

@@ -50,6 +50,7 @@ class Stage:
     seed_offset = 0          # shuffles differ between stages trained with the same seed
     best_key: str | None = None  # a validation number whose maximum is also saved as <name>_best.pt
     lr_schedule = "constant"
+    warmup_steps = 0             # linear warm-up of the learning rate before the schedule
     lr_flag = "--lr"         # driver.py's flag for its learning rate, named when the loss diverges
 
     def __init__(self, cfg: Config, device: torch.device, bf16: bool):
@@ -176,12 +177,14 @@ def resume_stage(stage: Stage, cfg: Config, path: Path) -> dict | None:
 def set_lrs(stage: Stage, step: int, total_steps: int) -> None:
     """Learning rates as a pure function of the step, so a resumed run follows the same curve."""
     for name, opt in stage.optimizers.items():
-        lr = scheduled_lr(stage.lrs[name], stage.lr_schedule, step, total_steps)
+        lr = scheduled_lr(stage.lrs[name], stage.lr_schedule, step, total_steps, stage.warmup_steps)
         for group in opt.param_groups:
             group["lr"] = lr
 
 
-def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int) -> float:
+def scheduled_lr(base_lr: float, schedule: str, step: int, total_steps: int, warmup_steps: int = 0) -> float:
+    if warmup_steps and step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
     if schedule == "cosine":
         return 0.5 * base_lr * (1 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
     if schedule == "constant":
@@ -478,7 +481,39 @@ def bits_per_code(prior, idx: torch.Tensor, batch_size: int, device, bf16: bool)
     return float(total) / (idx.numel() * math.log(2))
 
 
-STAGES = {"gan": GANStage, "pixelcnn": PixelCNNStage}
+class MaskGITStage(PriorStage):
+    """MaskGIT by masked-token cross-entropy; reports the same loss on the validation maps with fixed masks."""
+    name, loss_names, seed_offset, lr_schedule = "maskgit", ("loss",), 3, "cosine"
+
+    def __init__(self, cfg, vqvae, data, device, bf16):
+        super().__init__(cfg, vqvae, data, device, bf16)
+        p = self.part
+        self.warmup_steps = p.warmup_steps
+        self.models = {"prior": self.prior}
+        self.optimizers = {"adamw": torch.optim.AdamW(self.prior.parameters(), lr=p.lr, betas=(0.9, 0.95),
+                                                      weight_decay=p.weight_decay)}
+        self.lrs = {"adamw": p.lr}
+
+    def step(self, target):
+        tok, mask = self.prior.random_masks(target)
+        loss = self.prior.masked_loss(self.nets["prior"](tok, mask), tok, mask)  # through DDP's forward
+        opt = self.optimizers["adamw"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.prior.parameters(), 1.0)  # attention logits can spike early on
+        opt.step()
+        return loss.detach()[None]
+
+    @torch.no_grad()
+    def extra_metrics(self):
+        self.prior.eval()
+        g = torch.Generator(self.device).manual_seed(0)  # the same masks every epoch: comparable numbers
+        loss = self.prior.loss(self.val_idx[:256].long(), generator=g)
+        self.prior.train()
+        return {"val_masked_loss": float(loss)}
+
+
+STAGES = {"gan": GANStage, "pixelcnn": PixelCNNStage, "maskgit": MaskGITStage}
 
 
 def train_prior(name: str, cfg: Config, vqvae: VQVAE, data: dict[str, Split], run_dir, device="auto",

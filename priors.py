@@ -1,0 +1,166 @@
+"""MaskGIT over code maps: a bidirectional transformer that fills in masked codes, and decodes a new map in a
+few parallel refinement steps (Chang et al. 2022). Torch only, no I/O; built by `modules.build_prior`.
+
+Tokens are p x p patches of codes (p = latent size / `tokens`: 2x2 codes at the quick 32x32 grid, 4x4 at the
+paper's 64x64), so attention runs over `tokens`^2 positions whatever the grid: every code sees the whole map,
+which is what a prior needs for global anatomy (symmetry, ventricles in the middle), at a cost a CPU affords.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from config import MaskGITConfig, ModelConfig
+
+
+def cosine_mask_ratio(r: torch.Tensor) -> torch.Tensor:
+    """Fraction of tokens masked at schedule position r in [0, 1]: 1 at r = 0, 0 at r = 1."""
+    return torch.cos(r * math.pi / 2)
+
+
+class Block(nn.Module):
+    def __init__(self, d: int, heads: int, mlp_ratio: int, dropout: float, grid: int = 0):
+        super().__init__()
+        self.grid = grid  # > 0: token grid side, for the depthwise conv in the MLP
+        self.dw = nn.Conv2d(mlp_ratio * d, mlp_ratio * d, 3, padding=1, groups=mlp_ratio * d) if grid else None
+        self.heads, self.dropout = heads, dropout
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.mlp = nn.Sequential(nn.Linear(d, mlp_ratio * d), nn.GELU(), nn.Linear(mlp_ratio * d, d))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        n, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        x = x + self.drop(self.proj(a.transpose(1, 2).reshape(n, t, d)))
+        if self.dw is None:
+            return x + self.drop(self.mlp(self.ln2(x)))
+        h = self.mlp[0](self.ln2(x))
+        g = self.grid
+        h = h + self.dw(h.transpose(1, 2).reshape(n, -1, g, g)).flatten(2).transpose(1, 2)
+        return x + self.drop(self.mlp[2](self.mlp[1](h)))
+
+
+class MaskGITPrior(nn.Module):
+    """Bidirectional masked-token transformer over p x p patches of codes (one token per patch).
+
+    A token's embedding is the sum of one learned embedding per (sub-position, code) pair, plus a learned
+    position embedding; a masked token is a learned vector (plus position). The head predicts p*p x K logits
+    per token. The whole patch is masked or visible together, so a prediction can never see any code of a
+    token it must predict.
+    """
+
+    def __init__(self, cfg: MaskGITConfig, model_cfg: ModelConfig):
+        super().__init__()
+        num_codes, latent_size = model_cfg.num_codes, model_cfg.latent_size
+        if latent_size % cfg.tokens:
+            raise ValueError(f"latent size {latent_size} not divisible by token grid {cfg.tokens}")
+        self.cfg, self.num_codes, self.size = cfg, num_codes, latent_size
+        self.patch = latent_size // cfg.tokens
+        self.n_tok, pp, d = cfg.tokens ** 2, self.patch ** 2, cfg.hidden
+        self.embed = nn.Embedding(pp * num_codes, d)
+        self.register_buffer("offsets", torch.arange(pp) * num_codes, persistent=False)
+        self.mask_emb = nn.Parameter(torch.zeros(d))
+        self.pos = nn.Parameter(torch.zeros(1, self.n_tok, d))
+        nn.init.normal_(self.pos, std=0.02)
+        nn.init.normal_(self.embed.weight, std=0.02 / math.sqrt(pp) * 4)
+        nn.init.normal_(self.mask_emb, std=0.02)
+        self.drop = nn.Dropout(cfg.dropout)
+        grid = cfg.tokens if cfg.conv_mlp else 0
+        self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, cfg.dropout, grid) for _ in range(cfg.layers))
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, pp * num_codes)
+
+    # maps <-> tokens
+    def to_tokens(self, idx: torch.Tensor) -> torch.Tensor:
+        """N x h x w -> N x T x p*p (row-major tokens, row-major codes inside a token)."""
+        n, p, t = idx.shape[0], self.patch, self.cfg.tokens
+        return idx.view(n, t, p, t, p).permute(0, 1, 3, 2, 4).reshape(n, t * t, p * p)
+
+    def to_map(self, tok: torch.Tensor) -> torch.Tensor:
+        n, p, t = tok.shape[0], self.patch, self.cfg.tokens
+        return tok.view(n, t, t, p, p).permute(0, 1, 3, 2, 4).reshape(n, t * p, t * p)
+
+    def trunk(self, tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tok: N x T x pp codes (values under mask are ignored), mask: N x T bool -> N x T x d features."""
+        x = self.embed(tok.long() + self.offsets).sum(2)
+        # torch.where, not multiplication: a masked token's input is exactly the mask vector, whatever its codes
+        x = torch.where(mask[..., None], self.mask_emb.to(x.dtype).expand_as(x), x)
+        x = self.drop(x + self.pos)
+        for b in self.blocks:
+            x = b(x)
+        return self.ln(x)
+
+    def forward(self, tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """-> N x T x pp x K logits."""
+        n, t = tok.shape[:2]
+        return self.head(self.trunk(tok, mask)).view(n, t, self.patch ** 2, self.num_codes)
+
+    def random_masks(self, idx: torch.Tensor, generator: torch.Generator | None = None):
+        """(tokens N x T x pp, mask N x T): per map a fraction cos(pi/2 r), r ~ U(0, 1), of whole tokens masked."""
+        tok = self.to_tokens(idx.long())
+        n, t = tok.shape[:2]
+        r = torch.rand(n, generator=generator, device=tok.device)
+        n_mask = (cosine_mask_ratio(r) * t).ceil().clamp(1, t)
+        rank = torch.rand(n, t, generator=generator, device=tok.device).argsort(1).argsort(1)
+        return tok, rank < n_mask[:, None]
+
+    def masked_loss(self, logits: torch.Tensor, tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy on the masked codes only: the visible ones are given, not predicted."""
+        return F.cross_entropy(logits[mask].float().reshape(-1, self.num_codes), tok[mask].reshape(-1),
+                               label_smoothing=self.cfg.label_smoothing)
+
+    def loss(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        tok, mask = self.random_masks(idx, generator)
+        return self.masked_loss(self(tok, mask), tok, mask)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None, steps: int | None = None,
+               temperature: float | None = None, choice_temperature: float | None = None, top_k: int | None = None,
+               device=None, chunk: int = 16) -> torch.Tensor:
+        """n maps by MaskGIT iterative decoding; all randomness from `generator` (CPU), so a seed fixes the maps."""
+        c = self.cfg
+        steps = steps or c.steps
+        temperature = c.temperature if temperature is None else temperature
+        choice_temperature = c.choice_temperature if choice_temperature is None else choice_temperature
+        top_k = c.top_k if top_k is None else top_k
+        device = torch.device(device) if device is not None else self.pos.device
+        was_training = self.training
+        self.eval()
+        try:
+            t, pp, k = self.n_tok, self.patch ** 2, self.num_codes
+            tok = torch.zeros(n, t, pp, dtype=torch.long, device=device)
+            mask = torch.ones(n, t, dtype=torch.bool, device=device)
+            for s in range(steps):
+                u = torch.rand(n, t, pp, generator=generator).to(device)
+                draw = tok.clone()
+                conf = torch.full((n, t), float("inf"), device=device)  # fixed tokens are never re-masked
+                for a in range(0, n, chunk):  # bounded memory at the paper grid; the head runs on masked tokens only
+                    b = slice(a, a + chunk)
+                    m = mask[b]
+                    logits = self.head(self.trunk(tok[b], m)[m]).float().view(-1, pp, k) / temperature
+                    if top_k:
+                        kth = logits.topk(min(top_k, k), -1).values[..., -1:]
+                        logits = logits.masked_fill(logits < kth, float("-inf"))
+                    logp = logits.log_softmax(-1)
+                    cdf = logp.exp().cumsum(-1)
+                    d = (cdf < u[b][m][..., None] * cdf[..., -1:]).sum(-1).clamp_(max=k - 1)
+                    draw[b] = draw[b].masked_scatter(m[..., None].expand(-1, -1, pp), d)
+                    conf[b] = conf[b].masked_scatter(m, logp.gather(-1, d[..., None])[..., 0].sum(-1))
+                tok = torch.where(mask[..., None], draw, tok)
+                n_next = int(math.floor(float(cosine_mask_ratio(torch.tensor((s + 1) / steps))) * t))
+                if s == steps - 1 or n_next == 0:
+                    mask = torch.zeros_like(mask)
+                    break
+                g = torch.rand(n, t, generator=generator).clamp_(1e-20, 1).to(device)
+                noisy = conf - choice_temperature * (1 - (s + 1) / steps) * torch.log(-torch.log(g))
+                order = noisy.argsort(1)
+                mask = torch.zeros_like(mask).scatter_(1, order[:, :n_next], True)
+            return self.to_map(tok)
+        finally:
+            self.train(was_training)

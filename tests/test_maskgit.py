@@ -1,0 +1,84 @@
+"""The MaskGIT prior: what it may see, that it learns, deterministic sampling, exact resume."""
+import dataclasses
+
+import pytest
+import torch
+from test_pixelcnn import tiny_data
+
+import config
+import train
+from modules import VQVAE, build_prior
+from train import train_prior
+
+
+@pytest.fixture
+def cfg():
+    return config.preset("tiny")
+
+
+def test_predictions_never_depend_on_the_codes_of_masked_tokens(cfg):
+    prior = build_prior("maskgit", cfg).eval()
+    idx = torch.randint(0, cfg.model.num_codes, (2, 8, 8))
+    tok = prior.to_tokens(idx)
+    mask = torch.zeros(2, tok.shape[1], dtype=torch.bool)
+    mask[:, ::3] = True
+    changed = torch.where(mask[..., None], torch.randint_like(tok, cfg.model.num_codes), tok)
+    assert torch.equal(prior(tok, mask), prior(changed, mask))
+    visible = tok.clone()
+    visible[:, 1] = (visible[:, 1] + 1) % cfg.model.num_codes  # token 1 is visible: it must matter
+    assert not torch.equal(prior(tok, mask), prior(visible, mask))
+
+
+def test_tokens_round_trip(cfg):
+    prior = build_prior("maskgit", cfg)
+    idx = torch.randint(0, cfg.model.num_codes, (3, 8, 8))
+    assert torch.equal(prior.to_map(prior.to_tokens(idx)), idx)
+
+
+def test_loss_falls_on_a_tiny_grid(cfg):
+    torch.manual_seed(0)
+    prior = build_prior("maskgit", dataclasses.replace(cfg, maskgit=dataclasses.replace(cfg.maskgit, hidden=32)))
+    pattern = (torch.arange(8)[:, None] + torch.arange(8)[None]) % cfg.model.num_codes  # one fixed map
+    opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        loss = prior.loss(pattern.expand(8, 8, 8))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.4 * losses[0]
+
+
+def test_sampling_is_deterministic_for_a_seed(cfg):
+    prior = build_prior("maskgit", cfg)
+    settings = cfg.maskgit.sampling()
+    a = prior.sample(3, torch.Generator().manual_seed(1), **settings)
+    b = prior.sample(3, torch.Generator().manual_seed(1), **settings)
+    c = prior.sample(3, torch.Generator().manual_seed(2), **settings)
+    assert a.shape == (3, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(cfg, tmp_path, monkeypatch):
+    # Interrupted after its second epoch's checkpoint, not trained for two epochs: the cosine schedule
+    # depends on the number of epochs, so a shorter run would be another run.
+    torch.manual_seed(0)
+    vqvae = VQVAE(cfg.model)
+    data = tiny_data(24)
+    cfg = dataclasses.replace(cfg, maskgit=dataclasses.replace(cfg.maskgit, epochs=3))
+    straight, _ = train_prior("maskgit", cfg, vqvae, data, tmp_path / "straight", device="cpu")
+    end_epoch = train.end_epoch
+
+    def stop_after_two(stage, cfg, state, *args):
+        end_epoch(stage, cfg, state, *args)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "end_epoch", stop_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        train_prior("maskgit", cfg, vqvae, data, tmp_path / "cut", device="cpu")
+    monkeypatch.undo()
+    resumed, history = train_prior("maskgit", cfg, vqvae, data, tmp_path / "cut", device="cpu", resume=True)
+    assert [v["epoch"] for v in history["val"]] == [1, 2, 3] and "val_masked_loss" in history["val"][0]
+    for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)

@@ -192,6 +192,8 @@ def save_run_figures(out, cfg, histories: dict, example, samples: dict, nearest:
         data = Path(cfg.data_dir).name if cfg.data_dir else "built-in data"
         made.append(save_pipeline(x[mid], idx[mid], rec[mid], sample_idx[0], images[0], cfg.model.num_codes,
                                   out / "pipeline.png", f"{cfg.preset} preset, {data}, {name} prior"))
+        made.append(save_which_are_real(x, images[:len(x)], out / "which_are_real.png",
+                                        f"which are real? test slices and {name} samples, mixed", cfg.seed))
     for name, (images, _) in samples.items():
         made.append(save_montage(images[:64], out / f"samples_{name}.png",
                                  f"{min(len(images), 64)} samples, {name} prior"))
@@ -201,6 +203,24 @@ def save_run_figures(out, cfg, histories: dict, example, samples: dict, nearest:
             {"sample": samples[name][0][:len(slices)], "nearest train": slices}, out / f"nearest_{name}.png",
             f"{name} samples over their nearest training slices (SSIM {', '.join(f'{v:.2f}' for v in ssim.tolist())})"))
     return made
+
+
+def save_which_are_real(real: torch.Tensor, fake: torch.Tensor, path, title: str = "", seed: int = 0) -> Path:
+    """Real and generated slices shuffled into one grid, numbered, with the key printed under it."""
+    images = torch.cat([real, fake]).float().clamp(0, 1).cpu()
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    cols = 4
+    rows = -(-len(images) // cols)
+    with plt.rc_context(DARK):
+        fig, axes = plt.subplots(rows, cols, figsize=(2.2 * cols, 2.3 * rows + 0.6), dpi=100, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for k, i in enumerate(order.tolist()):
+            _image_axes(axes.flat[k], images[i, 0], str(k + 1))
+        key = ", ".join(str(k + 1) for k, i in enumerate(order.tolist()) if i < len(real))
+        fig.suptitle(title, fontsize=11)
+        fig.text(0.5, 0.005, f"real: {key}; the others are generated", ha="center", fontsize=9, color="gray")
+        return _save(fig, path)
 
 
 def save_vqvae_curves(history: dict | None, out: Path) -> list[Path]:

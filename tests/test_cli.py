@@ -44,10 +44,13 @@ def test_driver_writes_the_run_folder(run):
     for key in REQUIRED:
         lookup(m, key)
     assert m["preset"] == "tiny" and m["data_dir"] == str(data.resolve()) and m["device"] == "cpu"
-    assert "generation_gan" in m and "generation_pixelcnn" in m
+    assert {"generation_gan", "generation_pixelcnn", "generation_maskgit"} <= set(m) and m["prior"] == "maskgit"
+    for key in ("c2st", "c2st_real", "c2st_recon", "c2st_recon_real"):
+        assert 0 <= m["generation"][key] <= 1, key
     assert json.loads((run_dir / "config.json").read_text())["preset"] == "tiny"
     for name in ("vqvae_loss", "val_ssim", "reconstructions", "code_map", "gan_losses", "samples_gan",
-                 "samples_gan_zoom", "nearest_gan", "samples_pixelcnn", "pixelcnn_nll"):
+                 "samples_gan_zoom", "nearest_gan", "samples_pixelcnn", "pixelcnn_nll", "samples_maskgit",
+                 "maskgit_losses", "which_are_real", "pipeline"):
         assert (run_dir / "figures" / f"{name}.png").is_file(), name
     assert list(run_dir.glob("events.out.tfevents*"))
 

@@ -115,6 +115,7 @@ class JudgeConfig:
     """The classifier two-sample test (metrics.c2st) that judges generated slices."""
     seeds: int = 3               # classifiers trained, each on one half of both sets and scored on the other
     steps: int = 600             # Adam steps per classifier
+    max_size: int = 64           # slices are average-pooled to at most this side: a code cell stays >= 1 px
 
 
 # The priors that generate new code maps, by the name used in --prior, config files and checkpoint names.

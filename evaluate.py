@@ -132,7 +132,7 @@ def real_reference(vqvae, splits: dict[str, Split], judge, device, bf16: bool) -
     real["test_idx"] = encode_split(vqvae, splits["test"].images, 64, device, bf16)
     for s in ("validate", "test"):
         real[f"{s}_recon"] = torch.cat([rec for _, rec, _ in reconstruct(vqvae, splits[s].images, 64, device, bf16)])
-    real["judge"] = {"seeds": judge.seeds, "steps": judge.steps}
+    real["judge"] = {"seeds": judge.seeds, "steps": judge.steps, "max_size": judge.max_size}
     real["c2st_real"] = metrics.c2st(real["validate"], real["test"], **real["judge"])["accuracy"]
     real["c2st_recon_real"] = metrics.c2st(real["validate_recon"], real["test_recon"], **real["judge"])["accuracy"]
     return real

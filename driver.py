@@ -165,7 +165,7 @@ def pipeline(args, cfg: Config, run_dir: Path, data_dir: Path, device: torch.dev
         return {}
     with timed(timing, "evaluation_s"):
         results, samples = evaluate_run(vqvae, cfg, splits, priors, device)
-        nearest = {name: nearest_training(images, splits) for name, (images, _) in samples.items()}
+        nearest = nearest_training(samples, splits)
     example = reconstruction_example(vqvae, cfg, splits, device)
     figures.save_run_figures(run_dir / "figures", cfg, histories, example, samples, nearest)
     timing["total_s"] = time.perf_counter() - t_all

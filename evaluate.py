@@ -202,11 +202,15 @@ def sample_priors(vqvae, cfg: Config, priors: dict, device) -> dict:
     return samples
 
 
-def nearest_training(samples: torch.Tensor, splits: dict[str, Split], n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """(SSIM, slice) of the nearest training slice of each of the first n samples, for the memorisation figure."""
+def nearest_training(samples: dict, splits: dict[str, Split], n: int = 8) -> dict:
+    """{prior: (SSIM, slice) of the nearest training slice of each of its first n samples}, for the
+    memorisation figure; `samples` is `sample_priors`'s dict. The training split is made float once for all."""
     train = to_float(splits["train"].images)
-    ssim, nearest = metrics.nearest_neighbours(samples[:n], train)
-    return ssim, train[nearest]
+    nearest = {}
+    for name, (images, _) in samples.items():
+        ssim, index = metrics.nearest_neighbours(images[:n], train)
+        nearest[name] = (ssim, train[index])
+    return nearest
 
 
 def reconstruction_example(vqvae, cfg: Config, splits: dict[str, Split], device, n: int = 8):

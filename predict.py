@@ -96,7 +96,7 @@ def cmd_figures(args, device) -> None:
     names = trained_priors(args.run)
     priors = {name: load_prior(args.run, name, vqvae, device)[0] for name in names}
     samples = sample_priors(vqvae, cfg, priors, device)
-    nearest = {name: nearest_training(images, splits) for name, (images, _) in samples.items()}
+    nearest = nearest_training(samples, splits)
     histories = load_histories(args.run, ("vqvae", *names))
     example = reconstruction_example(vqvae, cfg, splits, device)
     for path in figures.save_run_figures(Path(args.run) / "figures", cfg, histories, example, samples, nearest):

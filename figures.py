@@ -96,6 +96,19 @@ def save_curves(series: dict[str, tuple[list, list]], path, title: str = "", xla
     return _save(fig, path)
 
 
+def save_gan_curves(series: dict[str, tuple[list, list]], path) -> Path:
+    """What a GAN user reads, side by side: the losses and penalty; the critic's scores for real and generated
+    maps (their gap is the critic's estimate of how far apart the two are)."""
+    panels = {"losses": ("loss_d", "loss_g", "penalty"), "critic: D(real), D(fake)": ("d_real", "d_fake")}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
+    for ax, (title, names) in zip(axes, panels.items()):
+        for name in names:
+            ax.plot(*series[name], label=name, lw=1.2)
+        ax.set_xlabel("step"), ax.set_title(title), ax.grid(alpha=0.3), ax.legend()
+    fig.suptitle("GAN training")
+    return _save(fig, path)
+
+
 def save_side_by_side(rows: dict[str, torch.Tensor], path, title: str = "") -> Path:
     """One labelled row of slices per entry (e.g. samples over their nearest training slices)."""
     n = max(len(v) for v in rows.values())
@@ -244,7 +257,10 @@ def save_prior_curves(histories: dict, out: Path) -> list[Path]:
             continue
         rows = history["train"]
         series = {loss: ([r[0] for r in rows], [r[i + 1] for r in rows]) for i, loss in enumerate(history["losses"])}
-        made.append(save_curves(series, out / f"{name}_losses.png", f"{name} training", "step", ""))
+        if {"d_real", "d_fake"} <= set(series):
+            made.append(save_gan_curves(series, out / f"{name}_losses.png"))
+        else:
+            made.append(save_curves(series, out / f"{name}_losses.png", f"{name} training", "step", ""))
         val = [v for v in history["val"] if "val_bits_per_code" in v]
         if val:
             made.append(save_curves({"validation": ([v["epoch"] for v in val], [v["val_bits_per_code"] for v in val])},

@@ -289,21 +289,49 @@ class Generator(nn.Module):
         return self.net(noise[:, :, None, None])
 
 
+class MinibatchStd(nn.Module):
+    """Appends one channel: the mean over features of their std within groups of `group` maps (Karras et al.
+    2018). A critic that sees how varied a batch is can punish a generator that makes one map again and again."""
+
+    def __init__(self, group: int = 4):
+        super().__init__()
+        self.group = group
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        g = self.group if n % self.group == 0 else 1
+        if g == 1:
+            return torch.cat([x, x.new_zeros(n, 1, h, w)], 1)
+        std = (x.view(g, n // g, c, h, w).float().var(0, unbiased=False) + 1e-8).sqrt().mean((1, 2, 3))
+        return torch.cat([x, std.to(x.dtype).view(1, n // g, 1, 1, 1).expand(g, -1, 1, h, w).reshape(n, 1, h, w)], 1)
+
+
+CRITIC_NORMS = ("batch", "spectral", "none")
+
+
 class Discriminator(nn.Module):
-    """Code map -> one logit per map (the sigmoid lives in the loss, for stability)."""
+    """Code map -> one score per map (a logit or a critic estimate: the loss decides).
+
+    norm: "batch" (the report's), "spectral" (spectral normalisation of every conv), or "none" (what a gradient
+    penalty needs: BatchNorm couples the maps that the penalty treats one by one). minibatch_std appends the
+    batch's spread before the last conv."""
 
     def __init__(self, cfg: GANConfig, latent_size: int, in_channels: int):
         super().__init__()
+        if cfg.critic_norm not in CRITIC_NORMS:
+            raise ValueError(f"critic_norm must be one of {', '.join(CRITIC_NORMS)}, not {cfg.critic_norm!r}")
         c = cfg.d_width
-        # Spectral normalisation replaces BatchNorm where it is on: the two fight over the same scale.
-        sn = nn.utils.parametrizations.spectral_norm if cfg.spectral_norm else (lambda layer: layer)
-        norm = (lambda ch: nn.Identity()) if cfg.spectral_norm else nn.BatchNorm2d
-        layers = [sn(nn.Conv2d(in_channels, c, 4, 2, 1)), nn.LeakyReLU(0.2, True)]  # no BatchNorm on the first layer
+        sn = nn.utils.parametrizations.spectral_norm if cfg.critic_norm == "spectral" else (lambda layer: layer)
+        norm = nn.BatchNorm2d if cfg.critic_norm == "batch" else (lambda ch: nn.Identity())
+        layers = [sn(nn.Conv2d(in_channels, c, 4, 2, 1)), nn.LeakyReLU(0.2, True)]  # no norm on the first layer
         for _ in range(_upsamplings(latent_size) - 1):
-            layers += [sn(nn.Conv2d(c, c * 2, 4, 2, 1, bias=False)), norm(c * 2), nn.LeakyReLU(0.2, True)]
+            layers += [sn(nn.Conv2d(c, c * 2, 4, 2, 1, bias=cfg.critic_norm != "batch")), norm(c * 2),
+                       nn.LeakyReLU(0.2, True)]
             c *= 2
+        if cfg.minibatch_std:
+            layers.append(MinibatchStd())
         size = 4 if _upsamplings(latent_size) else 2
-        layers.append(sn(nn.Conv2d(c, 1, size, 1, 0)))
+        layers.append(sn(nn.Conv2d(c + cfg.minibatch_std, 1, size, 1, 0)))
         self.net = nn.Sequential(*layers)
 
     def forward(self, maps: torch.Tensor) -> torch.Tensor:
@@ -313,8 +341,9 @@ class Discriminator(nn.Module):
 class CodeGenerator(nn.Module):
     """A Generator whose output is always an exact codebook map, with gradients for training.
 
-    "snap": the continuous map is snapped to the nearest code, straight-through.
-    "logits": per-position logits over the K codes, hard Gumbel-softmax (straight-through one-hot).
+    "snap" (the report's): a continuous D-channel map snapped to the nearest code, straight-through.
+    "logits": K logits per position; forward the code of the argmax, backward the gradient of the softmax's
+    mixture of codes (straight-through), so a critic never sees a map that is not made of codebook vectors.
     It keeps a copy of the frozen VQ-VAE's codebook (K x D, small), so that it samples from its checkpoint alone.
     """
 
@@ -322,7 +351,7 @@ class CodeGenerator(nn.Module):
         super().__init__()
         if cfg.head not in ("snap", "logits"):
             raise ValueError(f"GAN head must be 'snap' or 'logits', not {cfg.head!r}")
-        self.head, self.tau, self.noise_dim = cfg.head, cfg.tau, cfg.noise_dim
+        self.head, self.noise_dim = cfg.head, cfg.noise_dim
         out = model_cfg.code_dim if cfg.head == "snap" else model_cfg.num_codes
         self.net = Generator(cfg, model_cfg.latent_size, out)
         self.register_buffer("codebook", torch.zeros(model_cfg.num_codes, model_cfg.code_dim))
@@ -337,11 +366,13 @@ class CodeGenerator(nn.Module):
             idx = nearest_code(flat, codebook)
             snapped = codebook[idx] + (flat - flat.detach())  # exact codes forward, gradients to G
             return snapped.view(n, h, w, d).permute(0, 3, 1, 2), idx.view(n, h, w)
+        logits = out.permute(0, 2, 3, 1)  # N h w K: softmax and argmax over the contiguous last dim
+        idx = logits.argmax(-1)
+        hard = F.embedding(idx, codebook)
         if self.training:
-            one_hot = F.gumbel_softmax(out, tau=self.tau, hard=True, dim=1)
-        else:
-            one_hot = F.one_hot(out.argmax(1), out.shape[1]).permute(0, 3, 1, 2).float()
-        return torch.einsum("nkhw,kd->ndhw", one_hot, codebook), one_hot.argmax(1)
+            soft = logits.softmax(-1) @ codebook
+            hard = hard + (soft - soft.detach())  # exactly the codes forward
+        return hard.permute(0, 3, 1, 2), idx
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

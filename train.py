@@ -13,6 +13,7 @@ rank 0 alone evaluates, logs and saves.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import figures
+import gan
 import metrics
 from config import Config
 from dataset import Split, epoch_permutation, gather, to_float
@@ -31,7 +33,7 @@ from runs import (atomic_save, autocast, barrier, check_same_architecture, check
                   all_ranks_finite, keep_freed_host_memory, load_checkpoint, load_state, pick_device, seed_everything,
                   set_rng_state, use_bf16)
 
-SHOWN = 64  # samples drawn after each epoch for TensorBoard and per-epoch code statistics
+SHOWN = 32  # samples drawn after each epoch for TensorBoard and per-epoch code statistics
 
 
 class TrainingDiverged(Exception):
@@ -52,6 +54,7 @@ class Stage:
     lr_schedule = "constant"
     warmup_steps = 0             # linear warm-up of the learning rate before the schedule
     lr_flag = "--lr"         # driver.py's flag for its learning rate, named when the loss diverges
+    global_step = 0          # set by the loop before each step: schedules inside a step (lazy penalties) use it
 
     def __init__(self, cfg: Config, device: torch.device, bf16: bool):
         self.cfg, self.device, self.bf16 = cfg, device, bf16
@@ -66,6 +69,10 @@ class Stage:
         if dist_info()[1] > 1:
             self.nets = {k: torch.nn.parallel.DistributedDataParallel(m, broadcast_buffers=False)
                          for k, m in self.models.items() if any(p.requires_grad for p in m.parameters())}
+            for k, m in self.models.items():  # DDP made the trained ones equal; the others (an EMA copy) too
+                if k not in self.nets:
+                    for t in m.state_dict().values():
+                        torch.distributed.broadcast(t, 0)
 
     def train(self) -> None:
         for m in self.models.values():
@@ -132,6 +139,7 @@ def run_epoch(stage: Stage, state: dict, epoch: int, writer, last: Path) -> floa
               leave=False, dynamic_ncols=True) as bar:
         for i, sl in enumerate(bar):
             set_lrs(stage, state["step"], len(steps) * stage.epochs)
+            stage.global_step = state["step"]
             pending.append(stage.step(stage.batch(order[sl])))
             state["step"] += 1
             if len(pending) == stage.cfg.runtime.log_every or i == len(steps) - 1:
@@ -397,48 +405,77 @@ def code_statistics(idx: torch.Tensor, real_idx: torch.Tensor, num_codes: int) -
 
 
 class GANStage(PriorStage):
-    """The report's DCGAN over code maps: BCE, one D step then one G step per batch."""
-    name, loss_names, seed_offset, lr_flag = "gan", ("loss_d", "loss_g", "d_real", "d_fake"), 1, "--gan-lr"
+    """The DCGAN over code maps (config.GANConfig / GAN_RECIPES): per batch one critic step and, every
+    `n_critic`-th batch, one generator step. The critic sees codebook vectors divided by the codebook's std
+    (a scale it can learn at the same rate whatever the VQ-VAE's), augmented alike for real and fake maps.
+    The moving average of the generator's weights (`ema`; 0: the latest weights) samples: models["prior"]."""
+    name, seed_offset, lr_flag = "gan", 1, "--gan-lr"
+    loss_names = ("loss_d", "loss_g", "penalty", "d_real", "d_fake")
 
     def __init__(self, cfg, vqvae, data, device, bf16):
         super().__init__(cfg, vqvae, data, device, bf16)
         g = self.part
         self.prior.codebook.copy_(self.vqvae.quantizer.codebook)
+        self.generator = self.prior
+        self.prior = copy.deepcopy(self.generator).requires_grad_(False)  # with ema 0: a copy of the latest
         self.critic = Discriminator(g, cfg.model.latent_size, cfg.model.code_dim).to(device)
-        self.models = {"prior": self.prior, "critic": self.critic}
-        self.optimizers = {"prior": adam(self.prior.parameters(), g.lr, device, (g.beta1, g.beta2)),
+        self.models = {"prior": self.prior, "generator": self.generator, "critic": self.critic}
+        self.optimizers = {"generator": adam(self.generator.parameters(), g.lr, device, (g.beta1, g.beta2)),
                            "critic": adam(self.critic.parameters(), g.lr, device, (g.beta1, g.beta2))}
-        self.lrs = {"prior": g.lr, "critic": g.lr}
+        self.lrs = {"generator": g.lr, "critic": g.lr}
+        self.scale = 1 / self.vqvae.quantizer.codebook.float().std()
 
     def batch(self, idx):
-        return self.vqvae.quantizer.lookup(self.train_idx[idx].long())
+        return self.vqvae.quantizer.lookup(self.train_idx[idx].long()).float() * self.scale
+
+    def critic_input(self, maps: torch.Tensor) -> torch.Tensor:
+        return gan.diff_augment(maps, self.part.augment)
 
     def step(self, real):
-        return gan_step(self.nets["prior"], self.nets["critic"], self.optimizers["prior"],
-                        self.optimizers["critic"], real, self.part.noise_dim, self.device, self.bf16,
-                        self.part.real_label)
+        g, t = self.part, self.global_step
+        loss_d, penalty, d_real, d_fake = self.critic_step(real, t)
+        loss_g = torch.zeros((), device=self.device)
+        if t % g.n_critic == g.n_critic - 1:
+            loss_g = self.generator_step(len(real))
+            gan.update_ema(self.prior, self.generator, gan.ema_decay(g.ema, t // g.n_critic))
+        return torch.stack([loss_d, loss_g, penalty, gan.critic_scores(g.loss, d_real).mean(),
+                            gan.critic_scores(g.loss, d_fake).mean()]).detach()
 
+    def critic_step(self, real: torch.Tensor, t: int):
+        g = self.part
+        with torch.no_grad():
+            fake = self.generator(torch.randn(len(real), g.noise_dim, device=self.device))[0] * self.scale
+        real, fake = self.critic_input(real), self.critic_input(fake)
+        with autocast(self.device, self.bf16):
+            d_real, d_fake = self.nets["critic"](real).float(), self.nets["critic"](fake).float()
+        loss_d = gan.critic_loss(g.loss, d_real, d_fake, g.real_label)
+        # Penalties through the critic itself, not its DDP wrapper: DDP cannot differentiate twice, and the
+        # penalty's parameter gradients join loss_d's in the one backward that DDP averages across ranks.
+        penalty = torch.zeros((), device=self.device)
+        if g.gp_weight:
+            penalty = gan.gradient_penalty(self.critic, real, fake)
+            loss_d = loss_d + g.gp_weight * penalty
+        elif g.r1_gamma and t % g.r1_every == 0:
+            penalty = gan.r1_penalty(self.critic, real)
+            loss_d = loss_d + g.r1_gamma / 2 * g.r1_every * penalty
+        opt = self.optimizers["critic"]
+        opt.zero_grad(set_to_none=True)
+        loss_d.backward()
+        opt.step()
+        return loss_d.detach(), penalty.detach(), d_real.detach(), d_fake.detach()
 
-def gan_step(g_net, d_net, opt_g, opt_d, real: torch.Tensor, noise_dim: int, device, bf16: bool,
-             real_label: float = 1.0) -> torch.Tensor:
-    """One D step on real and detached fake maps, then one G step; returns (loss_d, loss_g, D(real), D(fake))."""
-    bce = F.binary_cross_entropy_with_logits
-    noise = torch.randn(len(real), noise_dim, device=device)
-    with autocast(device, bf16):
-        fake, _ = g_net(noise)
-        d_real, d_fake = d_net(real).float(), d_net(fake.detach()).float()
-    loss_d = bce(d_real, torch.full_like(d_real, real_label)) + bce(d_fake, torch.zeros_like(d_fake))
-    opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    opt_d.step()
-    with autocast(device, bf16):
-        d_gen = d_net(fake).float()
-    loss_g = bce(d_gen, torch.ones_like(d_gen))
-    opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    opt_g.step()
-    return torch.stack([loss_d.detach(), loss_g.detach(),
-                        torch.sigmoid(d_real).mean().detach(), torch.sigmoid(d_fake).mean().detach()])
+    def generator_step(self, n: int) -> torch.Tensor:
+        g = self.part
+        self.critic.requires_grad_(False)  # the generator's step leaves the critic's gradients alone
+        with autocast(self.device, self.bf16):
+            fake = self.nets["generator"](torch.randn(n, g.noise_dim, device=self.device))[0] * self.scale
+            loss_g = gan.generator_loss(g.loss, self.critic(self.critic_input(fake)).float())
+        opt = self.optimizers["generator"]
+        opt.zero_grad(set_to_none=True)
+        loss_g.backward()
+        opt.step()
+        self.critic.requires_grad_(True)
+        return loss_g.detach()
 
 
 class PixelCNNStage(PriorStage):

@@ -26,7 +26,7 @@ def test_missing_fields_take_their_defaults_and_an_int_fits_a_float():
     ({"train": {"lr": None}}, "config field 'train.lr' must be a number, not None"),
     ({"model": {"num_codes": 1.5}}, "config field 'model.num_codes' must be an integer, not 1.5"),
     ({"train": {"epochs": True}}, "config field 'train.epochs' must be an integer, not True"),
-    ({"gan": {"spectral_norm": "yes"}}, "config field 'gan.spectral_norm' must be true or false, not 'yes'"),
+    ({"gan": {"minibatch_std": "yes"}}, "config field 'gan.minibatch_std' must be true or false, not 'yes'"),
     ({"data_dir": 3}, "config field 'data_dir' must be a string or null, not 3"),
     ({"train": 5}, "config field 'train' must be a mapping of field names to values, not 5"),
     (None, "a config must be a mapping of field names to values, not None"),
@@ -36,3 +36,12 @@ def test_hand_edited_config_is_refused_in_one_line_naming_the_key(d, message):
     with pytest.raises(ValueError) as err:
         Config.from_dict(d)
     assert str(err.value) == message
+
+
+def test_config_from_before_the_gan_recipes_reads_as_the_report_recipe():
+    old = preset("quick").to_dict()
+    old["gan"] = {"head": "snap", "noise_dim": 128, "g_width": 128, "d_width": 32, "epochs": 30, "batch_size": 64,
+                  "lr": 2e-4, "beta1": 0.5, "beta2": 0.999, "tau": 1.0, "spectral_norm": False, "real_label": 1.0}
+    gan = Config.from_dict(old).gan
+    assert (gan.loss, gan.head, gan.critic_norm, gan.r1_gamma, gan.ema, gan.g_width) == ("bce", "snap", "batch", 0.0,
+                                                                                         0.0, 128)

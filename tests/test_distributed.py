@@ -64,6 +64,38 @@ def test_codebooks_identical_on_both_ranks(data):
     assert (data / "run" / "vqvae_last.pt").is_file()
 
 
+def _train_gan_rank(rank: int, world: int, data_dir: str, out: str) -> None:
+    os.environ.update(OASIS_VQVAE_CACHE=f"{out}/cache{rank}")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world)
+    import dataclasses
+
+    from config import preset
+    from dataset import load_splits
+    from train import STAGES, train_prior, train_vqvae
+
+    cfg = preset("tiny")
+    cfg.gan = dataclasses.replace(cfg.gan, r1_every=1)  # the R1 penalty on every critic step
+    data = load_splits(data_dir, cfg.model.image_size)
+    vqvae, _ = train_vqvae(cfg, data, f"{out}/run", "cpu")
+    prior, _ = train_prior("gan", cfg, vqvae, data, f"{out}/run", "cpu")
+    stage = STAGES["gan"](cfg, vqvae, data, torch.device("cpu"), False)
+    stage.critic.load_state_dict(torch.load(f"{out}/run/gan_last.pt", weights_only=True)["models"]["critic"])
+    # Weights only: BatchNorm's running statistics are each rank's own (rank 0 alone samples and saves).
+    torch.save({"prior": dict(prior.named_parameters()), "critic": stage.critic.state_dict()}, f"{out}/gan{rank}.pt")
+    dist.destroy_process_group()
+
+
+def test_gan_with_penalty_trains_identically_on_both_ranks(data, tmp_path):
+    write = tmp_path / "gan"
+    write.mkdir()
+    mp.spawn(_train_gan_rank, args=(2, str(data / "data"), str(write)), nprocs=2, join=True)
+    a, b = (torch.load(write / f"gan{r}.pt", weights_only=True) for r in (0, 1))
+    for part in ("prior", "critic"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
 def test_torchrun_driver_writes_one_run_folder(data, tmp_path):
     env = dict(os.environ, OASIS_VQVAE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

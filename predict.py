@@ -4,10 +4,12 @@
     python predict.py reconstruct --run RUN --images DIR --out OUT
     python predict.py generate    --run RUN --n 16 --out OUT [--seed S] [--prior NAME]
     python predict.py figures     --run RUN
+    python predict.py tune        --run RUN [--prior NAME] [--top-k 0 4 16] [--temperature 1.0 0.9]
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -16,12 +18,13 @@ import torch
 
 import figures
 import metrics
-from config import PRIORS
+from config import PRIORS, Config
 from dataset import DataError, ensure_builtin, load_folder, load_split, load_splits
 from evaluate import (decode_indices, evaluate_vqvae, load_prior, load_vqvae, nearest_training, reconstruct,
-                      reconstruction_example, sample_codes, sample_priors, trained_priors)
-from runs import (RunError, at_least, keep_freed_host_memory, load_histories, output_path, parse_device, run_config,
-                  use_bf16, write_json, writing)
+                      reconstruction_example, sample_codes, sample_priors, trained_priors, tune_sampling)
+from runs import (RunError, at_least, atomic_save, checkpoint_path, find_run, keep_freed_host_memory, load_checkpoint,
+                  load_histories, output_path, parse_device, positive_float, run_config, use_bf16, write_config,
+                  write_json, writing)
 
 
 def data_dir(cfg) -> Path:
@@ -103,6 +106,41 @@ def cmd_figures(args, device) -> None:
         print(path)
 
 
+def cmd_tune(args, device) -> None:
+    run = find_run(args.run)
+    vqvae, _ = load_vqvae(run, device)
+    cfg = run_config(run)
+    name = args.prior or cfg.prior
+    prior, _ = load_prior(run, name, vqvae, device)
+    grid = {"top_k": args.top_k, "temperature": args.temperature}
+    if not set(grid) <= set(getattr(cfg, name).sampling()):
+        raise RunError(f"the {name} prior has no sampling settings to tune")
+    rows = tune_sampling(prior, name, vqvae, cfg, load_splits(data_dir(cfg), cfg.model.image_size), grid, device)
+    print("top_k  temperature  judge vs validation reconstructions  MS-SSIM (validation)")
+    for r in rows:
+        print(f"{r['top_k']:5d}  {r['temperature']:11.2f}  {r['c2st_recon_val']:35.3f}  {r['ms_ssim']:.3f} "
+              f"({r['ms_ssim_real']:.3f})")
+    best = {k: rows[0][k] for k in grid}
+    if args.dry_run:
+        print(f"best: {best} (--dry-run: nothing changed)")
+        return
+    keep_sampling(run, name, best)
+    print(f"kept {best} in {run / 'config.json'} and {checkpoint_path(run, name).name}")
+
+
+def keep_sampling(run: Path, name: str, settings: dict) -> None:
+    """The chosen settings into the run's config.json and the prior's checkpoint, which generate reads."""
+    def updated(cfg: Config) -> Config:
+        setattr(cfg, name, dataclasses.replace(getattr(cfg, name), **settings))
+        return cfg
+
+    write_config(updated(run_config(run)), run)
+    path = checkpoint_path(run, name)
+    ckpt = load_checkpoint(path)
+    ckpt["config"] = updated(Config.from_dict(ckpt["config"])).to_dict()
+    atomic_save(ckpt, path)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -131,6 +169,14 @@ def parse_args(argv=None):
     c.add_argument("--prior", choices=PRIORS, help="which prior, for runs trained with --prior all "
                                                    "(default: the run's own)")
     command("figures", "redraw every figure of a run into RUN/figures from its checkpoints")
+    c = command("tune", "choose the prior's sampling settings on the VALIDATION split by the judge (C2ST against "
+                        "the VQ-VAE's reconstructions), and keep the best in the run for generate and figures")
+    c.add_argument("--prior", choices=PRIORS, help="which prior (default: the run's own)")
+    c.add_argument("--top-k", type=at_least(0), nargs="+", default=[0, 4, 16],
+                   help="top-k values to try; 0 samples from the whole distribution (default: 0 4 16)")
+    c.add_argument("--temperature", type=positive_float, nargs="+", default=[1.0],
+                   help="temperatures to try (default: 1.0)")
+    c.add_argument("--dry-run", action="store_true", help="print the table and change nothing")
     return p.parse_args(argv)
 
 
@@ -141,7 +187,7 @@ def main(argv=None) -> int:
         if device.type == "cpu":
             keep_freed_host_memory()
         {"evaluate": cmd_evaluate, "reconstruct": cmd_reconstruct, "generate": cmd_generate,
-         "figures": cmd_figures}[args.command](args, device)
+         "figures": cmd_figures, "tune": cmd_tune}[args.command](args, device)
     except (DataError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

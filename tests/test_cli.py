@@ -1,11 +1,14 @@
 """driver.py end to end on a tiny generated set, then every predict.py subcommand and their bad inputs."""
 import json
+import shutil
 
 import numpy as np
 import pytest
 from conftest import write_png
 
+import compare
 import driver
+import evaluate
 import predict
 from synthetic import write_synthetic_dataset
 
@@ -186,3 +189,28 @@ def test_resumed_prior_choice_is_the_runs_generation(tmp_path):
     assert driver.main(base + ["--resume", "--prior", "all"]) == 0
     m = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert m["generation"] == m["generation_pixelcnn"] != m["generation_gan"]
+
+
+def test_tune_chooses_on_validation_and_keeps_the_choice(run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run[0], run_dir)
+    argv = ["tune", "--run", str(run_dir), "--prior", "pixelcnn", "--top-k", "0", "2", "--device", "cpu"]
+    assert predict.main([*argv, "--dry-run"]) == 0
+    assert json.loads((run_dir / "config.json").read_text())["pixelcnn"]["top_k"] == 0  # --dry-run changed nothing
+    assert predict.main(argv) == 0
+    out = capsys.readouterr().out
+    chosen = int(out.split("kept {'top_k': ")[1].split(",")[0])
+    assert json.loads((run_dir / "config.json").read_text())["pixelcnn"]["top_k"] == chosen
+    assert evaluate.load_prior(run_dir, "pixelcnn", evaluate.load_vqvae(run_dir)[0])[1].pixelcnn.top_k == chosen
+    assert "no sampling settings" in one_error_line(capsys, ["tune", "--run", str(run_dir), "--prior", "gan"])
+
+
+def test_compare_trains_each_variant_on_the_frozen_vqvae(run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run[0], run_dir)
+    rows = compare.main([str(run_dir), "gan:report", "gan:hinge-r1", "--gan-epochs", "1", "--device", "cpu"])
+    assert list(rows) == ["gan:report", "gan:hinge-r1"]
+    assert (run_dir / "compare" / "gan-report" / "samples.png").is_file()
+    assert "| real reference |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        compare.parse_args([str(run_dir), "maskgit:hinge-r1"])  # recipes are the GAN's only

@@ -155,14 +155,20 @@ def test_code_histogram_distance():
 def test_c2st_cannot_tell_two_halves_of_one_set_apart():
     images = blobs(128, seed=0)
     result = metrics.c2st(images[::2], images[1::2], seeds=3, steps=100)
-    assert 0.35 <= result["accuracy"] <= 0.65 and result["n"] == 64 and len(result["runs"]) == 3
+    assert 0.35 <= result["auc"] <= 0.65 and result["n"] == 64 and len(result["runs"]) == 3
 
 
 def test_c2st_tells_slices_from_blank_images():
     images = blobs(64, seed=1)
-    assert metrics.c2st(images, torch.zeros_like(images), seeds=3, steps=100)["accuracy"] >= 0.95
+    assert metrics.c2st(images, torch.zeros_like(images), seeds=3, steps=100)["auc"] >= 0.95
 
 
 def test_c2st_is_deterministic_for_its_inputs():
     a, b = blobs(32, seed=2), blobs(32, seed=3)
     assert metrics.c2st(a, b, seeds=2, steps=20) == metrics.c2st(a, b, seeds=2, steps=20)
+
+
+def test_auc_by_hand():
+    assert metrics.auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
+    assert metrics.auc(torch.tensor([1.0, 4.0]), torch.tensor([2.0, 3.0])) == 0.5
+    assert metrics.auc(torch.tensor([2.0]), torch.tensor([2.0, 1.0])) == 0.75  # a tie counts half

@@ -27,6 +27,8 @@ device syncs), in images/s unless said:
               latent grid. A row of the raster is the same work as any other, so where the whole grid would take
               minutes (the paper preset's 64x64 on a CPU) the draw stops after the row that ends past a time
               budget and its time is scaled by rows (pixelcnn_sample_rows says how many were drawn).
+  maskgit     one MaskGIT training step (train.MaskGITStage) in maps/s over --baseline-steps steps, and the seconds
+              to sample 64 maps with the preset's sampling settings (every refinement pass over the whole grid).
   baseline    the baseline's data, step, memory and end-to-end figures, in a fresh process (bench_baseline.py).
 The ratios divide ours by the baseline's; peak fraction = achieved step FLOP/s / the device's peak: a datasheet
 dense-bf16 figure for known GPUs, otherwise a measured large matmul in the training dtype, or --peak-tflops.
@@ -45,7 +47,6 @@ import json
 import math
 import multiprocessing
 import os
-import resource
 import sys
 import tempfile
 import time
@@ -61,12 +62,13 @@ import config
 from dataset import DataError, Split, find_root, list_pngs, load_folder, split_folder_name
 from evaluate import sample_codes
 from modules import VQVAE
-from runs import RunError, autocast, pick_device, release_freed_host_memory, use_bf16
-from train import GANStage, PixelCNNStage, VQVAEStage, batch_slices, rank_order, setup, training_batch
+from runs import PeakMemory, RunError, autocast, pick_device, release_freed_host_memory, use_bf16
+from train import GANStage, MaskGITStage, PixelCNNStage, VQVAEStage, batch_slices, rank_order, setup, training_batch
 
 REQUIRED_KEYS = ("device", "preset", "data_img_s", "baseline_data_img_s", "data_ratio", "step_img_s",
                  "end_to_end_img_s", "baseline_end_to_end_img_s", "end_to_end_ratio", "peak_mem_mb",
-                 "gflop_per_img", "peak_fraction", "pixelcnn_train_maps_s", "pixelcnn_sample_64_s")
+                 "gflop_per_img", "peak_fraction", "pixelcnn_train_maps_s", "pixelcnn_sample_64_s",
+                 "maskgit_train_maps_s", "maskgit_sample_64_s")
 
 # Dense (no sparsity) bf16 tensor-core peaks from the datasheets, TFLOP/s; the first matching name wins.
 CUDA_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0),
@@ -159,44 +161,6 @@ def logged(step, log_every: int):
 
     run.flush = flush
     return run
-
-
-class PeakMemory:
-    """Peak memory over a block: CUDA max_memory_allocated, or the process's peak RSS on the CPU."""
-
-    def __init__(self, device: torch.device):
-        self.device, self.mb, self.kind = device, float("nan"), ""
-
-    def __enter__(self):
-        if self.device.type == "cuda":
-            sync(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            release_freed_host_memory()  # what earlier phases kept is not this block's peak
-            try:
-                Path("/proc/self/clear_refs").write_text("5")   # resets VmHWM (Linux >= 4.0)
-                self.reset = True
-            except OSError:
-                self.reset = False
-        return self
-
-    def __exit__(self, *exc):
-        if self.device.type == "cuda":
-            sync(self.device)
-            self.mb, self.kind = torch.cuda.max_memory_allocated(self.device) / 2 ** 20, "cuda max allocated"
-            return
-        hwm = None
-        if self.reset:
-            with contextlib.suppress(OSError):
-                for line in Path("/proc/self/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        hwm = int(line.split()[1]) / 1024
-        if hwm is not None:
-            self.mb, self.kind = hwm, "peak RSS"
-        else:
-            scale = 1 if sys.platform == "darwin" else 1024   # ru_maxrss: bytes on macOS, KiB elsewhere
-            self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
-            self.kind = "peak RSS (process lifetime)"
 
 
 def count_flops(fn) -> int:
@@ -385,6 +349,18 @@ def pixelcnn_phase(b: Bench, vqvae: VQVAE, split: Split, budget_s: float) -> dic
     return out
 
 
+def maskgit_phase(b: Bench, vqvae: VQVAE, split: Split) -> dict:
+    """MaskGIT's training step (maps/s) and the seconds to sample SAMPLE_MAPS maps with the preset's settings
+    (all `steps` refinement passes over the whole grid: no early stop is needed, as for the PixelCNN)."""
+    stage = prior_stage(MaskGITStage, b, vqvae, split)
+    out = {"maskgit_train_maps_s": prior_step_rate(b, stage, stage.batch_size, b.few_steps)}
+    draw = lambda: sample_codes(stage.prior, SAMPLE_MAPS, b.cfg.seed, b.device, b.cfg.maskgit)
+    if b.device.type == "cuda":
+        draw()  # cudnn.benchmark and the allocator settle outside the timing
+    out["maskgit_sample_64_s"] = 1 / rate(draw, b.device, steps=1, items=1)
+    return out
+
+
 def baseline_phase(b: Bench, train_folder, items: int) -> dict:
     """The baseline's figures, from a fresh process: none of our settings (backend flags, the allocator's
     keep_freed_host_memory) may leak into it."""
@@ -441,10 +417,11 @@ def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int
     out.update(vqvae_step_phase(b, vq_stage))
     out.update(end_to_end_phase(b, vq_stage))
     # the priors train on the code maps of a few batches' worth of slices
-    n_maps = max(cfg.gan.batch_size, cfg.pixelcnn.batch_size)
+    n_maps = max(cfg.gan.batch_size, cfg.pixelcnn.batch_size, cfg.maskgit.batch_size)
     few = Split(split.images[:n_maps], names[:n_maps], split.folder)
     out.update(gan_phase(b, vq_stage.model, few))
     out.update(pixelcnn_phase(b, vq_stage.model, few, sample_budget_s or SAMPLE_BUDGET_S.get(device.type, 60.0)))
+    out.update(maskgit_phase(b, vq_stage.model, few))
     del vq_stage, split, few
     free_memory(device)
 
@@ -458,7 +435,8 @@ def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int
 
 def format_table(results: list[dict]) -> str:
     head = ("device", "preset", "data img/s", "base", "x", "step img/s", "base", "x", "e2e img/s", "base", "x",
-            "GAN maps/s", "PixelCNN maps/s", "64 samples s", "peak MB", "base MB", "GFLOP/img", "TFLOP/s", "of peak")
+            "GAN maps/s", "PixelCNN maps/s", "64 samples s", "MaskGIT maps/s", "64 samples s", "peak MB", "base MB",
+            "GFLOP/img", "TFLOP/s", "of peak")
     rows = [head]
     for r in results:
         rows.append((r["device"], f"{r['preset']} {r['image_size']}px bs{r['batch_size']}",
@@ -466,7 +444,8 @@ def format_table(results: list[dict]) -> str:
                      f"{r['step_img_s']:.1f}", f"{r['baseline_step_img_s']:.1f}", f"{r['step_ratio']:.1f}x",
                      f"{r['end_to_end_img_s']:.1f}", f"{r['baseline_end_to_end_img_s']:.1f}",
                      f"{r['end_to_end_ratio']:.1f}x", f"{r['gan_img_s']:.0f}",
-                     f"{r['pixelcnn_train_maps_s']:.0f}", f"{r['pixelcnn_sample_64_s']:.3g}", f"{r['peak_mem_mb']:.0f}",
+                     f"{r['pixelcnn_train_maps_s']:.0f}", f"{r['pixelcnn_sample_64_s']:.3g}",
+                     f"{r['maskgit_train_maps_s']:.0f}", f"{r['maskgit_sample_64_s']:.3g}", f"{r['peak_mem_mb']:.0f}",
                      f"{r['baseline_peak_mem_mb']:.0f}", f"{r['gflop_per_img']:.3g}",
                      f"{r['achieved_tflops']:.3g}", f"{r['peak_fraction']:.1%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]

@@ -20,13 +20,13 @@ from pathlib import Path
 import torch
 
 import figures
-from config import DEFAULT_PRIOR, PRESETS, PRIORS, Config, preset
+from config import DEFAULT_PRIOR, GAN_RECIPES, PRESETS, PRIORS, Config, gan_recipe, preset
 from dataset import BUILTIN_DIR, DataError, ensure_builtin, load_splits
 from evaluate import evaluate_run, load_vqvae, nearest_training, reconstruction_example
-from runs import (Interrupted, RunError, at_least, barrier, check_same_architecture, checkpoint_path,
+from runs import (Interrupted, PeakMemory, RunError, at_least, barrier, check_same_architecture, checkpoint_path,
                   close_distributed, dist_info, init_distributed, load_checkpoint, parse_device, positive_float,
                   read_config, restore_config, resumable_run, run_folder, write_config, write_json)
-from train import TrainingDiverged, train_prior, train_vqvae
+from train import TrainingDiverged, make_writer, train_prior, train_vqvae
 
 ALL = ("all", "both")  # train and compare every prior; "both" is the name from when there were two
 
@@ -48,16 +48,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=at_least(1), help="VQ-VAE batch size (default: from the preset; 32)")
     p.add_argument("--lr", type=positive_float, help="VQ-VAE learning rate (default: from the preset; paper 1e-3, "
                                                      "quick 2e-3)")
+    p.add_argument("--lr-schedule", choices=("constant", "cosine"),
+                   help="VQ-VAE learning rate over training: constant (the report's) or cosine decay to 0 "
+                        "(default: from the preset; cosine)")
     p.add_argument("--num-codes", type=at_least(2), help="codebook size K (default: from the preset; paper 512)")
     p.add_argument("--code-dim", type=at_least(1), help="code dimension D (default: from the preset; paper 128)")
     p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs (default: from the preset; 30)")
     p.add_argument("--gan-lr", type=positive_float, help="GAN learning rate, generator and discriminator "
                                                          "(default: from the preset; 2e-4)")
+    p.add_argument("--gan-recipe", choices=tuple(GAN_RECIPES),
+                   help="GAN objective and regularisation: hinge-r1 (hinge loss, R1 penalty, DiffAugment, "
+                        "minibatch-std critic, EMA generator), wgan-gp (Wasserstein loss, gradient penalty, 5 critic "
+                        "steps), report (the original BCE GAN, which collapses) (default: hinge-r1)")
     p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "
-                   "codebook, or per-position code logits with Gumbel-softmax (default: from the preset)")
+                   "codebook, or per-position code logits, argmax forward and softmax gradient (default: the "
+                   "recipe's; logits, report: snap)")
     p.add_argument("--pixelcnn-epochs", "--prior-epochs", type=at_least(1), dest="pixelcnn_epochs",
                    help="PixelCNN epochs (default: from the preset; quick 7)")
     p.add_argument("--pixelcnn-lr", type=positive_float, help="PixelCNN learning rate (default: from the preset; 1e-3)")
+    p.add_argument("--maskgit-epochs", type=at_least(1), help="MaskGIT epochs (default: from the preset; 8)")
     p.add_argument("--samples", type=at_least(2), help="slices to generate for the generation metrics "
                                                         "(default: from the preset; paper 512, quick 256)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (default: auto = CUDA, or a CPU "
@@ -84,10 +93,14 @@ def build_config(args, device: torch.device) -> Config:
         cfg.seed = args.seed if args.seed is not None else 0
         cfg.data_dir = data_dir
     cfg.model = override(cfg.model, num_codes=args.num_codes, code_dim=args.code_dim)
-    cfg.train = override(cfg.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    cfg.train = override(cfg.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                         lr_schedule=args.lr_schedule)
     cfg.runtime = override(cfg.runtime, amp=args.amp, compile=args.compile)
+    if args.gan_recipe:
+        cfg.gan = gan_recipe(args.gan_recipe, cfg.gan)
     cfg.gan = override(cfg.gan, epochs=args.gan_epochs, head=args.gan_head, lr=args.gan_lr)
     cfg.pixelcnn = override(cfg.pixelcnn, epochs=args.pixelcnn_epochs, lr=args.pixelcnn_lr)
+    cfg.maskgit = override(cfg.maskgit, epochs=args.maskgit_epochs)
     if args.prior in PRIORS:
         cfg.prior = args.prior
     if args.samples:
@@ -149,38 +162,56 @@ def run(args) -> dict:
 
 def pipeline(args, cfg: Config, run_dir: Path, data_dir: Path, device: torch.device) -> dict:
     """Data, training, evaluation, figures, metrics.json; models and histories stay in memory throughout."""
-    timing, t_all = {}, time.perf_counter()
-    with timed(timing, "data_s"):
+    timing, memory, t_all = {}, {}, time.perf_counter()
+    timed = stage_meter(timing, memory, device)
+    with timed("data_s"):
         splits = load_splits(data_dir, cfg.model.image_size, args.cache_dir, args.skip_bad)
     say("data: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()) + f" slices at {cfg.model.image_size}px")
-    with timed(timing, "vqvae_s"):
+    with timed("vqvae_s"):
         _, histories = train_vqvae(cfg, splits, run_dir, device, resume=args.resume)
     histories = {"vqvae": histories}
     vqvae, _ = load_vqvae(run_dir, device)  # the best epoch by validation SSIM, read back once
     priors = {}
     for name in PRIORS if args.prior in ALL else (cfg.prior,):
-        with timed(timing, f"{name}_s"):
+        with timed(f"{name}_s"):
             priors[name], histories[name] = train_prior(name, cfg, vqvae, splits, run_dir, device, resume=args.resume)
     if dist_info()[0]:
         return {}
-    with timed(timing, "evaluation_s"):
+    with timed("evaluation_s"):
         results, samples = evaluate_run(vqvae, cfg, splits, priors, device)
         nearest = nearest_training(samples, splits)
+    log_generation(run_dir, results, priors)
     example = reconstruction_example(vqvae, cfg, splits, device)
     figures.save_run_figures(run_dir / "figures", cfg, histories, example, samples, nearest)
     timing["total_s"] = time.perf_counter() - t_all
-    results.update(timing=timing, device=str(device), preset=cfg.preset, data_dir=cfg.data_dir, prior=cfg.prior,
-                   run_dir=str(run_dir), world_size=dist_info()[1])
+    results.update(timing=timing, peak_memory_mb=memory, device=str(device), preset=cfg.preset,
+                   data_dir=cfg.data_dir, prior=cfg.prior, run_dir=str(run_dir), world_size=dist_info()[1])
     write_json(results, run_dir / "metrics.json")
     say(summary_table(results))
     return results
 
 
-@contextlib.contextmanager
-def timed(timing: dict, key: str):
-    t = time.perf_counter()
-    yield
-    timing[key] = time.perf_counter() - t
+def log_generation(run_dir: Path, results: dict, priors: dict) -> None:
+    """Each prior's final generation metrics (the judge's AUCs, FD, diversity...) into TensorBoard."""
+    writer = make_writer(run_dir, 0)
+    for name in priors:
+        for key, value in results[f"generation_{name}"].items():
+            if isinstance(value, (int, float)):
+                writer.add_scalar(f"generation_{name}/{key}", value, 0)
+    writer.close()
+
+
+def stage_meter(timing: dict, memory: dict, device: torch.device):
+    """`with meter("vqvae_s"):` writes the block's wall time into timing and its peak memory (MB: the process's
+    peak RSS on a CPU, CUDA's max allocated on a GPU) into memory, under the same key."""
+    @contextlib.contextmanager
+    def timed(key: str):
+        t = time.perf_counter()
+        with PeakMemory(device) as mem:
+            yield
+        timing[key] = time.perf_counter() - t
+        memory[key] = mem.mb
+    return timed
 
 
 def say(*args) -> None:
@@ -209,11 +240,12 @@ def summary_table(r: dict) -> str:
             rows.append((f"{kind}: KID x1e3 (real-vs-real)", f"{1e3 * g['kid']:.2f} ({1e3 * g['kid_real']:.2f})"))
             rows.append((f"{kind}: MS-SSIM diversity (real)", f"{g['ms_ssim']:.3f} ({g['ms_ssim_real']:.3f})"))
             rows.append((f"{kind}: nearest-train SSIM (real)", f"{g['nn_ssim']:.3f} ({g['nn_ssim_real']:.3f})"))
-            rows.append((f"{kind}: C2ST vs real test (real-vs-real)", f"{g['c2st']:.3f} ({g['c2st_real']:.3f})"))
-            rows.append((f"{kind}: C2ST vs reconstructions (real)",
+            rows.append((f"{kind}: judge AUC vs real test (real-vs-real)", f"{g['c2st']:.3f} ({g['c2st_real']:.3f})"))
+            rows.append((f"{kind}: judge AUC vs reconstructions (real)",
                          f"{g['c2st_recon']:.3f} ({g['c2st_recon_real']:.3f})"))
     for key, value in r["timing"].items():
-        rows.append((f"time: {key[:-2]}", f"{value:.1f} s"))
+        peak = r["peak_memory_mb"].get(key)
+        rows.append((f"time: {key[:-2]}", f"{value:.1f} s" + (f"   peak memory {peak:.0f} MB" if peak else "")))
     rows.append(("run folder", r["run_dir"]))
     width = max(len(k) for k, _ in rows)
     return "\n".join(["", "summary", "-" * (width + 20)] + [f"{k:<{width}}  {v}" for k, v in rows])

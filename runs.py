@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import resource
 import sys
 from pathlib import Path
 
@@ -120,6 +121,44 @@ def release_freed_host_memory() -> None:
     malloc_trim = _libc_function("malloc_trim")
     if malloc_trim is not None:
         malloc_trim(0)
+
+
+class PeakMemory:
+    """Peak memory over a block: CUDA max_memory_allocated, or the process's peak RSS on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.mb, self.kind = device, float("nan"), ""
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            release_freed_host_memory()  # what earlier phases kept is not this block's peak
+            try:
+                Path("/proc/self/clear_refs").write_text("5")   # resets VmHWM (Linux >= 4.0)
+                self.reset = True
+            except OSError:
+                self.reset = False
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.mb, self.kind = torch.cuda.max_memory_allocated(self.device) / 2 ** 20, "cuda max allocated"
+            return
+        hwm = None
+        if self.reset:
+            with contextlib.suppress(OSError):
+                for line in Path("/proc/self/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        hwm = int(line.split()[1]) / 1024
+        if hwm is not None:
+            self.mb, self.kind = hwm, "peak RSS"
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024   # ru_maxrss: bytes on macOS, KiB elsewhere
+            self.mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2 ** 20
+            self.kind = "peak RSS (process lifetime)"
 
 
 def _libc_function(name: str):

@@ -451,18 +451,18 @@ class GANStage(PriorStage):
         loss_d = gan.critic_loss(g.loss, d_real, d_fake, g.real_label)
         # Penalties through the critic itself, not its DDP wrapper: DDP cannot differentiate twice, and the
         # penalty's parameter gradients join loss_d's in the one backward that DDP averages across ranks.
-        penalty = torch.zeros((), device=self.device)
+        penalty, total = torch.zeros((), device=self.device), loss_d
         if g.gp_weight:
             penalty = gan.gradient_penalty(self.critic, real, fake)
-            loss_d = loss_d + g.gp_weight * penalty
+            total = loss_d + g.gp_weight * penalty
         elif g.r1_gamma and t % g.r1_every == 0:
             penalty = gan.r1_penalty(self.critic, real)
-            loss_d = loss_d + g.r1_gamma / 2 * g.r1_every * penalty
+            total = loss_d + g.r1_gamma / 2 * g.r1_every * penalty
         opt = self.optimizers["critic"]
         opt.zero_grad(set_to_none=True)
-        loss_d.backward()
+        total.backward()
         opt.step()
-        return loss_d.detach(), penalty.detach(), d_real.detach(), d_fake.detach()
+        return loss_d.detach(), penalty.detach(), d_real.detach(), d_fake.detach()  # the objective, penalty apart
 
     def generator_step(self, n: int) -> torch.Tensor:
         g = self.part

@@ -131,7 +131,8 @@ def load_prior(run_dir, name: str, vqvae, device="cpu"):
 def real_reference(vqvae, splits: dict[str, Split], judge, device, bf16: bool) -> dict:
     """What generated slices are compared with: float CPU slices of every split, the test split's index maps,
     the VQ-VAE's reconstructions of validation and test, and the judge's real-vs-real scores."""
-    real = {s: to_float(splits[s].images) for s in ("train", "validate", "test")}
+    real = {s: to_float(splits[s].images) for s in ("validate", "test")}
+    real["train"] = splits["train"].images  # uint8: the nearest-slice search makes a chunk float at a time
     real["test_idx"] = encode_split(vqvae, splits["test"].images, 64, device, bf16)
     for s in ("validate", "test"):
         real[f"{s}_recon"] = torch.cat([rec for _, rec, _ in reconstruct(vqvae, splits[s].images, 64, device, bf16)])
@@ -229,12 +230,12 @@ def sample_priors(vqvae, cfg: Config, priors: dict, device) -> dict:
 
 def nearest_training(samples: dict, splits: dict[str, Split], n: int = 8) -> dict:
     """{prior: (SSIM, slice) of the nearest training slice of each of its first n samples}, for the
-    memorisation figure; `samples` is `sample_priors`'s dict. The training split is made float once for all."""
-    train = to_float(splits["train"].images)
+    memorisation figure; `samples` is `sample_priors`'s dict. The training split stays uint8 (a float copy of an
+    OASIS-size split at 256 px would be 2.5 GB): the search makes one chunk float at a time."""
     nearest = {}
     for name, (images, _) in samples.items():
-        ssim, index = metrics.nearest_neighbours(images[:n], train)
-        nearest[name] = (ssim, train[index])
+        ssim, index = metrics.nearest_neighbours(images[:n], splits["train"].images)
+        nearest[name] = (ssim, to_float(splits["train"].images[index]))
     return nearest
 
 

@@ -28,8 +28,12 @@ _SSIM_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 def _clip(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [0, 1]; uint8 slices (0-255, as a split is cached) are scaled, so whole splits can stay
+    uint8 and only the chunk at hand is made float."""
     if x.dim() != 4 or x.shape[1] != 1:
         raise ValueError(f"expected N x 1 x H x W images, got shape {tuple(x.shape)}")
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
     return x.detach().float().clamp(0.0, 1.0)
 
 
@@ -337,7 +341,7 @@ def nearest_neighbour_ssim(samples: torch.Tensor, reference: torch.Tensor, candi
 def nearest_neighbours(samples: torch.Tensor, reference: torch.Tensor, candidates: int = 8,
                        chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """(SSIM, index into ``reference``) of each sample's nearest reference slice, found as in
-    :func:`nearest_neighbour_ssim`."""
+    :func:`nearest_neighbour_ssim`. ``reference`` may be a uint8 split: it is made float a chunk at a time."""
     if samples.shape[1:] != reference.shape[1:]:
         raise ValueError("samples and reference must have the same C x H x W")
     dev = samples.device

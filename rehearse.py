@@ -71,9 +71,8 @@ def run_scale(args, scale: int, data: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "driver.py"), "--data-dir", str(data), "--preset", args.preset,
            "--run-dir", str(run), "--epochs", str(args.epochs), "--maskgit-epochs", str(args.prior_epochs),
            "--samples", str(args.samples), "--device", args.device, "--cache-dir", str(args.out / "cache")]
-    if (run / "metrics.json").exists():
-        cmd.append("--resume")  # finished: evaluated again, nothing retrained
-    subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if not (run / "metrics.json").exists():  # a scale already rehearsed is read back, not run again
+        subprocess.run(cmd, check=True, env=dict(os.environ, PYTHONUNBUFFERED="1"))
     metrics = json.loads((run / "metrics.json").read_text())
     return {"scale": scale, "slices": 32 * sum(cases), "train_slices": 32 * cases[0], "timing": metrics["timing"],
             "peak_memory_mb": metrics["peak_memory_mb"], "test_ssim": metrics["test"]["ssim"]}

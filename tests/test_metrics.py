@@ -172,3 +172,12 @@ def test_auc_by_hand():
     assert metrics.auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
     assert metrics.auc(torch.tensor([1.0, 4.0]), torch.tensor([2.0, 3.0])) == 0.5
     assert metrics.auc(torch.tensor([2.0]), torch.tensor([2.0, 1.0])) == 0.75  # a tie counts half
+
+
+def test_nearest_neighbours_take_a_uint8_split_as_it_is_cached():
+    g = torch.Generator().manual_seed(0)
+    split = torch.randint(0, 256, (12, 1, 16, 16), generator=g, dtype=torch.uint8)
+    samples = split[[3, 7]].float() / 255
+    ssim_u8, idx_u8 = metrics.nearest_neighbours(samples, split)
+    ssim_f, idx_f = metrics.nearest_neighbours(samples, split.float() / 255)
+    assert idx_u8.tolist() == idx_f.tolist() == [3, 7] and torch.allclose(ssim_u8, ssim_f)

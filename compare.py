@@ -51,7 +51,7 @@ def parse_args(argv=None):
 def variant_config(cfg, name: str, recipe: str | None, gan_epochs: int | None):
     cfg = dataclasses.replace(cfg, prior=name)
     if name == "gan":
-        cfg.gan = gan_recipe(recipe or "hinge-r1", cfg.gan)
+        cfg.gan = gan_recipe(recipe or "wgan-gp", cfg.gan)
         cfg.gan = dataclasses.replace(cfg.gan, epochs=gan_epochs or cfg.gan.epochs)
     return cfg
 

@@ -57,9 +57,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gan-lr", type=positive_float, help="GAN learning rate, generator and discriminator "
                                                          "(default: from the preset; 2e-4)")
     p.add_argument("--gan-recipe", choices=tuple(GAN_RECIPES),
-                   help="GAN objective and regularisation: hinge-r1 (hinge loss, R1 penalty, DiffAugment, "
-                        "minibatch-std critic, EMA generator), wgan-gp (Wasserstein loss, gradient penalty, 5 critic "
-                        "steps), report (the original BCE GAN, which collapses) (default: hinge-r1)")
+                   help="GAN objective and regularisation: wgan-gp (Wasserstein loss, gradient penalty, 5 critic "
+                        "steps per generator step), hinge-r1 (hinge loss, R1 penalty, DiffAugment, minibatch-std "
+                        "critic, EMA generator), report (the original BCE GAN, which collapses) (default: wgan-gp)")
     p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "
                    "codebook, or per-position code logits, argmax forward and softmax gradient (default: the "
                    "recipe's; logits, report: snap)")

@@ -161,7 +161,8 @@ def test_recipes_change_objective_not_sizes():
     report = gan_recipe("report", quick)
     assert (report.loss, report.head, report.critic_norm, report.r1_gamma) == ("bce", "snap", "batch", 0.0)
     assert (report.g_width, report.epochs, report.batch_size) == (quick.g_width, quick.epochs, quick.batch_size)
-    back = gan_recipe("hinge-r1", report)
-    assert all(getattr(back, k) == getattr(GANConfig(), k) for k in RECIPE_FIELDS)
+    back = gan_recipe("wgan-gp", report)
+    assert all(getattr(back, k) == getattr(GANConfig(), k) for k in RECIPE_FIELDS)  # the default recipe
+    assert gan_recipe("hinge-r1", quick).r1_gamma == 10.0 and gan_recipe("hinge-r1", quick).gp_weight == 0.0
     with pytest.raises(ValueError, match="unknown GAN recipe"):
         gan_recipe("stylegan", quick)

@@ -37,7 +37,9 @@ class TrainConfig:
     epochs: int = 15
     batch_size: int = 32
     lr: float = 1e-3
-    lr_schedule: str = "constant"  # "constant" (the report's) or "cosine" (decays to 0: steadier last epochs)
+    lr_schedule: str = "constant"  # "constant" (the report's) or "cosine" (decays to 0). On realbrain at the paper
+                                   # preset, 15 epochs: constant reached validation SSIM 0.975 (last epochs
+                                   # 0.964-0.975), cosine 0.9635 (last epochs within 0.0014): README
     eval_images: int = 16        # originals/reconstructions shown in TensorBoard and figures
 
 

@@ -50,7 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                                                      "quick 2e-3)")
     p.add_argument("--lr-schedule", choices=("constant", "cosine"),
                    help="VQ-VAE learning rate over training: constant (the report's) or cosine decay to 0 "
-                        "(default: from the preset; cosine)")
+                        "(default: from the preset; paper constant, quick cosine)")
     p.add_argument("--num-codes", type=at_least(2), help="codebook size K (default: from the preset; paper 512)")
     p.add_argument("--code-dim", type=at_least(1), help="code dimension D (default: from the preset; paper 128)")
     p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs (default: from the preset; 30)")

@@ -256,7 +256,6 @@ def _quick() -> Config:
         train=TrainConfig(epochs=20, batch_size=32, lr=2e-3, lr_schedule="cosine"),
         gan=GANConfig(epochs=60),
         pixelcnn=PixelCNNConfig(hidden=64, layers=8, epochs=7, batch_size=32),
-        maskgit=MaskGITConfig(epochs=6),
         n_samples=256,
     )
 

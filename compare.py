@@ -21,7 +21,7 @@ from pathlib import Path
 
 
 import figures
-from config import GAN_RECIPES, PRIORS, gan_recipe, preset
+from config import DEFAULT_GAN_RECIPE, GAN_RECIPES, PRIORS, gan_recipe, preset
 from dataset import ensure_builtin, load_splits
 from evaluate import decode_indices, generation_metrics, load_vqvae, real_reference, sample_codes
 from runs import RunError, at_least, find_run, parse_device, use_bf16, write_json
@@ -51,7 +51,7 @@ def parse_args(argv=None):
 def variant_config(cfg, name: str, recipe: str | None, gan_epochs: int | None):
     cfg = dataclasses.replace(cfg, prior=name)
     if name == "gan":
-        cfg.gan = gan_recipe(recipe or "wgan-gp", cfg.gan)
+        cfg.gan = gan_recipe(recipe or DEFAULT_GAN_RECIPE, cfg.gan)
         cfg.gan = dataclasses.replace(cfg.gan, epochs=gan_epochs or cfg.gan.epochs)
     return cfg
 

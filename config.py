@@ -53,7 +53,7 @@ class RuntimeConfig:
 
 @dataclass
 class GANConfig:
-    """The DCGAN over code maps. Defaults are the recipe "wgan-gp" (GAN_RECIPES); "report" is the original."""
+    """The DCGAN over code maps. Defaults are the recipe "wgan-gp" (DEFAULT_GAN_RECIPE); "report" is the original."""
     loss: str = "wgan"           # "bce" (the report's), "hinge" or "wgan" (gan.LOSSES)
     head: str = "logits"         # "logits": K logits per position, argmax forward, softmax gradient; "snap": the
                                  # report's continuous map snapped to the nearest code
@@ -85,10 +85,11 @@ class GANConfig:
 # compares them on one frozen VQ-VAE per data set; "wgan-gp" measured best (judge, Frechet distance, time).
 RECIPE_FIELDS = ("loss", "head", "critic_norm", "minibatch_std", "r1_gamma", "r1_every", "gp_weight", "n_critic",
                  "augment", "ema", "lr", "beta1", "beta2")
+DEFAULT_GAN_RECIPE = "wgan-gp"
 GAN_RECIPES = {
     # Gulrajani et al. 2017: Wasserstein critic with a gradient penalty, several critic steps per generator step.
-    "wgan-gp": dict(loss="wgan", head="logits", critic_norm="none", minibatch_std=False, r1_gamma=0.0, r1_every=4,
-                    gp_weight=10.0, n_critic=5, augment="", ema=0.0, lr=1e-4, beta1=0.5, beta2=0.9),
+    # GANConfig's defaults, read from the dataclass so that the two cannot drift apart.
+    DEFAULT_GAN_RECIPE: {k: getattr(GANConfig(), k) for k in RECIPE_FIELDS},
     # Mescheder et al. 2018 (R1), Zhao et al. 2020 (DiffAugment), Karras et al. (minibatch std, EMA generator).
     "hinge-r1": dict(loss="hinge", head="logits", critic_norm="none", minibatch_std=True, r1_gamma=10.0, r1_every=4,
                      gp_weight=0.0, n_critic=1, augment="translation,cutout", ema=0.995, lr=2e-4, beta1=0.0,

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import figures
-from config import DEFAULT_PRIOR, GAN_RECIPES, PRESETS, PRIORS, Config, gan_recipe, preset
+from config import DEFAULT_GAN_RECIPE, DEFAULT_PRIOR, GAN_RECIPES, PRESETS, PRIORS, Config, gan_recipe, preset
 from dataset import BUILTIN_DIR, DataError, ensure_builtin, load_splits
 from evaluate import evaluate_run, load_vqvae, nearest_training, reconstruction_example
 from runs import (Interrupted, PeakMemory, RunError, at_least, barrier, check_same_architecture, checkpoint_path,
@@ -59,7 +59,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gan-recipe", choices=tuple(GAN_RECIPES),
                    help="GAN objective and regularisation: wgan-gp (Wasserstein loss, gradient penalty, 5 critic "
                         "steps per generator step), hinge-r1 (hinge loss, R1 penalty, DiffAugment, minibatch-std "
-                        "critic, EMA generator), report (the original BCE GAN, which collapses) (default: wgan-gp)")
+                        f"critic, EMA generator), report (the original BCE GAN, which collapses) "
+                        f"(default: {DEFAULT_GAN_RECIPE})")
     p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "
                    "codebook, or per-position code logits, argmax forward and softmax gradient (default: the "
                    "recipe's; logits, report: snap)")

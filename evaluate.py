@@ -44,6 +44,11 @@ def reconstruct(vqvae, images_u8, batch_size: int, device, bf16: bool = False):
         yield x.cpu(), recon.float().clamp_(0, 1).cpu(), idx
 
 
+def reconstructions(vqvae, images_u8, device, bf16: bool = False) -> torch.Tensor:
+    """The VQ-VAE's reconstructions of a whole split, N x 1 x H x W float."""
+    return torch.cat([rec for _, rec, _ in reconstruct(vqvae, images_u8, 64, device, bf16)])
+
+
 @torch.no_grad()
 def evaluate_vqvae(vqvae, images_u8, batch_size: int, device, bf16: bool = False) -> dict:
     """Whole-split reconstruction metrics: MSE, SSIM and PSNR per image averaged, code usage and perplexity."""
@@ -135,8 +140,8 @@ def real_reference(vqvae, splits: dict[str, Split], judge, device, bf16: bool) -
     real["train"] = splits["train"].images  # uint8: the nearest-slice search makes a chunk float at a time
     real["test_idx"] = encode_split(vqvae, splits["test"].images, 64, device, bf16)
     for s in ("validate", "test"):
-        real[f"{s}_recon"] = torch.cat([rec for _, rec, _ in reconstruct(vqvae, splits[s].images, 64, device, bf16)])
-    real["judge"] = {"seeds": judge.seeds, "steps": judge.steps, "max_size": judge.max_size}
+        real[f"{s}_recon"] = reconstructions(vqvae, splits[s].images, device, bf16)
+    real["judge"] = dataclasses.asdict(judge)  # its fields are c2st's keyword arguments
     real["c2st_real"] = metrics.c2st(real["validate"], real["test"], **real["judge"])["auc"]
     real["c2st_recon_real"] = metrics.c2st(real["validate_recon"], real["test_recon"], **real["judge"])["auc"]
     return real
@@ -201,12 +206,12 @@ def tune_sampling(prior, name: str, vqvae, cfg: Config, splits: dict[str, Split]
     """Judge every combination of the sampling settings in `grid` ({setting: values}) on the VALIDATION split,
     never the test split: `cfg.n_samples` samples against the VQ-VAE's reconstructions of the validation
     slices (the prior alone), with MS-SSIM diversity beside it. Returns one row per combination,
-    {**settings, "c2st_recon_val", "ms_ssim"}, best first: the lowest judge score among the rows whose
+    {**settings, "c2st_recon_val", "ms_ssim", "ms_ssim_real"}, best first: the lowest judge score among the rows whose
     diversity stays within 0.05 of the validation slices' own (a sampler that repeats one likely map may fool a
     per-slice judge), then the rest."""
     bf16 = use_bf16(device, cfg.runtime.amp)
-    recon = torch.cat([rec for _, rec, _ in reconstruct(vqvae, splits["validate"].images, 64, device, bf16)])
-    judge = {"seeds": cfg.judge.seeds, "steps": cfg.judge.steps, "max_size": cfg.judge.max_size}
+    recon = reconstructions(vqvae, splits["validate"].images, device, bf16)
+    judge = dataclasses.asdict(cfg.judge)
     diversity_real = metrics.mean_pairwise_ms_ssim(recon)
     rows = []
     for values in itertools.product(*grid.values()):

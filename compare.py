@@ -3,11 +3,14 @@
     python compare.py runs/001-quick-builtin gan:report gan:wgan-gp gan:hinge-r1 --gan-epochs 60
     python compare.py runs/001-quick-builtin maskgit pixelcnn
 
+Every variant, and the judge, take this version's settings for the run's preset (not the run's own), so that
+one table compares this version's generators on the run's VQ-VAE, and tables of different runs compare.
+
 A variant is a prior name (config.PRIORS), for the GAN optionally with a recipe (config.GAN_RECIPES). Each
 trains into RUN/compare/<variant>/ with the run's config (resumable: a finished variant is only measured
 again), then is measured as driver.py measures its priors (evaluate.generation_metrics: Frechet distance,
 MS-SSIM diversity, nearest-training SSIM, the judge against real slices and against reconstructions, each next
-to its real-vs-real reference; the judge's settings are this version's for the run's preset), with the seconds
+to its real-vs-real reference), with the seconds
 of training steps (from each epoch's rate, so a resumed variant counts all its epochs; per-epoch evaluation
 excluded) and the seconds to sample 64 maps. Writes
 RUN/compare/<variant>/metrics.json and a sample grid, and prints a Markdown table.
@@ -82,7 +85,10 @@ def main(argv=None) -> dict:
     run_dir = find_run(args.run_dir)
     device = parse_device(args.device)
     vqvae, cfg = load_vqvae(run_dir, device)
-    cfg.judge = preset(cfg.preset).judge  # this version's judge, whatever the run's: tables of runs compare
+    # This version's judge and priors at the run's preset, whatever the run trained: a table compares this
+    # version's generators on the run's VQ-VAE, and tables of different runs compare with each other.
+    fresh = preset(cfg.preset)
+    cfg.judge, cfg.gan, cfg.pixelcnn, cfg.maskgit = fresh.judge, fresh.gan, fresh.pixelcnn, fresh.maskgit
     splits = load_splits(cfg.data_dir or ensure_builtin(), cfg.model.image_size)
     real = real_reference(vqvae, splits, cfg.judge, device, use_bf16(device, cfg.runtime.amp))
     rows = {}

@@ -4,7 +4,8 @@
     python predict.py reconstruct --run RUN --images DIR --out OUT
     python predict.py generate    --run RUN --n 16 --out OUT [--seed S] [--prior NAME]
     python predict.py figures     --run RUN
-    python predict.py tune        --run RUN [--prior NAME] [--top-k 0 4 16] [--temperature 1.0 0.9]
+    python predict.py tune        --run RUN [--prior NAME] [--top-k 0 4 16] [--temperature 1.0 0.9] [--steps 8 12]
+                                  [--choice-temperature 4.5 20]
 """
 from __future__ import annotations
 
@@ -113,12 +114,14 @@ def cmd_tune(args, device) -> None:
     name = args.prior or cfg.prior
     prior, _ = load_prior(run, name, vqvae, device)
     grid = {"top_k": args.top_k, "temperature": args.temperature}
-    if not set(grid) <= set(getattr(cfg, name).sampling()):
-        raise RunError(f"the {name} prior has no sampling settings to tune")
+    grid.update({k: v for k, v in (("steps", args.steps), ("choice_temperature", args.choice_temperature)) if v})
+    missing = set(grid) - set(getattr(cfg, name).sampling())
+    if missing:
+        raise RunError(f"the {name} prior has no sampling setting {', '.join(sorted(missing))} to tune")
     rows = tune_sampling(prior, name, vqvae, cfg, load_splits(data_dir(cfg), cfg.model.image_size), grid, device)
-    print("top_k  temperature  judge vs validation reconstructions  MS-SSIM (validation)")
+    print("  ".join(f"{k:>11}" for k in grid) + "  judge vs validation reconstructions  MS-SSIM (validation)")
     for r in rows:
-        print(f"{r['top_k']:5d}  {r['temperature']:11.2f}  {r['c2st_recon_val']:35.3f}  {r['ms_ssim']:.3f} "
+        print("  ".join(f"{r[k]:11g}" for k in grid) + f"  {r['c2st_recon_val']:35.3f}  {r['ms_ssim']:.3f} "
               f"({r['ms_ssim_real']:.3f})")
     best = {k: rows[0][k] for k in grid}
     if args.dry_run:
@@ -176,6 +179,11 @@ def parse_args(argv=None):
                    help="top-k values to try; 0 samples from the whole distribution (default: 0 4 16)")
     c.add_argument("--temperature", type=positive_float, nargs="+", default=[1.0],
                    help="temperatures to try (default: 1.0)")
+    c.add_argument("--steps", type=at_least(1), nargs="+",
+                   help="MaskGIT decoding steps to try (default: the run's, not tuned)")
+    c.add_argument("--choice-temperature", type=positive_float, nargs="+",
+                   help="MaskGIT: noise on the confidence that picks which drawn codes stay at each step; higher "
+                        "is closer to a random order (default: the run's, not tuned)")
     c.add_argument("--dry-run", action="store_true", help="print the table and change nothing")
     return p.parse_args(argv)
 

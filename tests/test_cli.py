@@ -202,7 +202,8 @@ def test_tune_chooses_on_validation_and_keeps_the_choice(run, tmp_path, capsys):
     chosen = int(out.split("kept {'top_k': ")[1].split(",")[0])
     assert json.loads((run_dir / "config.json").read_text())["pixelcnn"]["top_k"] == chosen
     assert evaluate.load_prior(run_dir, "pixelcnn", evaluate.load_vqvae(run_dir)[0])[1].pixelcnn.top_k == chosen
-    assert "no sampling settings" in one_error_line(capsys, ["tune", "--run", str(run_dir), "--prior", "gan"])
+    assert "no sampling setting" in one_error_line(capsys, ["tune", "--run", str(run_dir), "--prior", "gan"])
+    assert "no sampling setting steps" in one_error_line(capsys, [*argv, "--steps", "4"])  # MaskGIT's only
 
 
 def test_compare_trains_each_variant_on_the_frozen_vqvae(run, tmp_path, capsys):

@@ -50,9 +50,12 @@ class MaskGITPrior(nn.Module):
     """Bidirectional masked-token transformer over p x p patches of codes (one token per patch).
 
     A token's embedding is the sum of one learned embedding per (sub-position, code) pair, plus a learned
-    position embedding; a masked token is a learned vector (plus position). The head predicts p*p x K logits
-    per token. The whole patch is masked or visible together, so a prediction can never see any code of a
-    token it must predict.
+    position embedding; a masked token is a learned vector (plus position). The head predicts K logits for each
+    of a token's p*p codes. The whole patch is masked or visible together, so the trunk never sees any code of
+    a token it must predict. With `head="sequential"` the head reads a token's codes in raster order: the
+    logits of code j also see codes 0..j-1 of the same token (the true ones in training, the drawn ones when
+    sampling), so the p*p codes of a token are drawn jointly, not each on its own ("independent", the first
+    version's head, whose independently drawn neighbours disagree: speckle).
     """
 
     def __init__(self, cfg: MaskGITConfig, model_cfg: ModelConfig):
@@ -74,7 +77,16 @@ class MaskGITPrior(nn.Module):
         grid = cfg.tokens if cfg.conv_mlp else 0
         self.blocks = nn.ModuleList(Block(d, cfg.heads, cfg.mlp_ratio, cfg.dropout, grid) for _ in range(cfg.layers))
         self.ln = nn.LayerNorm(d)
-        self.head = nn.Linear(d, pp * num_codes)
+        self.head = nn.Linear(d, pp * num_codes)  # read as pp x K x d: one K-way classifier per sub-position
+        self.context = self.mix = None
+        if cfg.head == "sequential":
+            self.context = nn.Embedding(pp * num_codes, d)  # code c at sub-position i, seen by later sub-positions
+            nn.init.normal_(self.context.weight, std=0.02)
+            self.mix = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
+            nn.init.zeros_(self.mix[-1].weight)  # starts as the independent head plus an additive context
+            nn.init.zeros_(self.mix[-1].bias)
+        elif cfg.head != "independent":
+            raise ValueError(f"unknown MaskGIT head {cfg.head!r}; choose 'sequential' or 'independent'")
 
     # maps <-> tokens
     def to_tokens(self, idx: torch.Tensor) -> torch.Tensor:
@@ -97,9 +109,25 @@ class MaskGITPrior(nn.Module):
         return self.ln(x)
 
     def forward(self, tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """-> N x T x pp x K logits."""
-        n, t = tok.shape[:2]
-        return self.head(self.trunk(tok, mask)).view(n, t, self.patch ** 2, self.num_codes)
+        """-> N x T x pp x K logits (a sequential head reads each token's own earlier codes from `tok`)."""
+        return self.logits(self.trunk(tok, mask), tok)
+
+    def logits(self, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
+        """x: ... x d token features, tok: ... x pp their codes -> ... x pp x K."""
+        pp, k = self.patch ** 2, self.num_codes
+        if self.context is None:
+            return self.head(x).view(*x.shape[:-1], pp, k)
+        e = self.context(tok.long() + self.offsets)
+        # code j sees the sum of codes 0..j-1's context embeddings (an exclusive cumulative sum: 0 for code 0)
+        h = x[..., None, :] + F.pad(e[..., :-1, :].cumsum(-2), (0, 0, 1, 0))
+        return self.read(h + self.mix(h), slice(None))
+
+    def read(self, h: torch.Tensor, j) -> torch.Tensor:
+        """Sub-position j's (a slice: every sub-position's) K logits from features h."""
+        w = self.head.weight.view(self.patch ** 2, self.num_codes, -1)[j]
+        b = self.head.bias.view(self.patch ** 2, self.num_codes)[j]
+        return torch.einsum("...d,kd->...k" if isinstance(j, int) else "...pd,pkd->...pk", h, w.to(h.dtype)) \
+            + b.to(h.dtype)
 
     def random_masks(self, idx: torch.Tensor, generator: torch.Generator | None = None):
         """(tokens N x T x pp, mask N x T): per map a fraction cos(pi/2 r), r ~ U(0, 1), of whole tokens masked."""
@@ -133,7 +161,7 @@ class MaskGITPrior(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            t, pp, k = self.n_tok, self.patch ** 2, self.num_codes
+            t, pp = self.n_tok, self.patch ** 2
             tok = torch.zeros(n, t, pp, dtype=torch.long, device=device)
             mask = torch.ones(n, t, dtype=torch.bool, device=device)
             for s in range(steps):
@@ -143,15 +171,9 @@ class MaskGITPrior(nn.Module):
                 for a in range(0, n, chunk):  # bounded memory at the paper grid; the head runs on masked tokens only
                     b = slice(a, a + chunk)
                     m = mask[b]
-                    logits = self.head(self.trunk(tok[b], m)[m]).float().view(-1, pp, k) / temperature
-                    if top_k:
-                        kth = logits.topk(min(top_k, k), -1).values[..., -1:]
-                        logits = logits.masked_fill(logits < kth, float("-inf"))
-                    logp = logits.log_softmax(-1)
-                    cdf = logp.exp().cumsum(-1)
-                    d = (cdf < u[b][m][..., None] * cdf[..., -1:]).sum(-1).clamp_(max=k - 1)
+                    d, logp = self.draw_tokens(self.trunk(tok[b], m)[m], u[b][m], temperature, top_k)
                     draw[b] = draw[b].masked_scatter(m[..., None].expand(-1, -1, pp), d)
-                    conf[b] = conf[b].masked_scatter(m, logp.gather(-1, d[..., None])[..., 0].sum(-1))
+                    conf[b] = conf[b].masked_scatter(m, logp)
                 tok = torch.where(mask[..., None], draw, tok)
                 n_next = int(math.floor(float(cosine_mask_ratio(torch.tensor((s + 1) / steps))) * t))
                 if s == steps - 1 or n_next == 0:
@@ -164,3 +186,33 @@ class MaskGITPrior(nn.Module):
             return self.to_map(tok)
         finally:
             self.train(was_training)
+
+    def draw_tokens(self, x: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int):
+        """Codes M x pp for M token features x (M x d), inverse-CDF draws from uniforms u (M x pp), and each
+        token's log-probability (M). A sequential head draws a token's codes in order, each seeing those before."""
+        codes, total = [], 0.0
+        ctx = torch.zeros_like(x)
+        for j in range(self.patch ** 2):
+            if self.context is None:
+                logits = self.read(x, j)
+            else:
+                h = x + ctx
+                logits = self.read(h + self.mix(h), j)
+            d, logp = draw(logits.float() / temperature, u[:, j], top_k)
+            codes.append(d)
+            total = total + logp
+            if self.context is not None:
+                ctx = ctx + self.context(d + self.offsets[j]).to(x.dtype)
+        return torch.stack(codes, 1), total
+
+
+def draw(logits: torch.Tensor, u: torch.Tensor, top_k: int):
+    """One code per row of logits (M x K) by inverse CDF at the uniforms u (M), and its log-probability."""
+    k = logits.shape[-1]
+    if top_k:
+        kth = logits.topk(min(top_k, k), -1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    logp = logits.log_softmax(-1)
+    cdf = logp.exp().cumsum(-1)
+    d = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp_(max=k - 1)
+    return d, logp.gather(-1, d[:, None])[:, 0]

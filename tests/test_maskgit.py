@@ -16,17 +16,41 @@ def cfg():
     return config.preset("tiny")
 
 
-def test_predictions_never_depend_on_the_codes_of_masked_tokens(cfg):
+@pytest.mark.parametrize("head", ["sequential", "independent"])
+def test_a_code_is_predicted_from_visible_tokens_and_its_own_tokens_earlier_codes_only(cfg, head):
+    cfg = dataclasses.replace(cfg, maskgit=dataclasses.replace(cfg.maskgit, head=head))
     prior = build_prior("maskgit", cfg).eval()
     idx = torch.randint(0, cfg.model.num_codes, (2, 8, 8))
     tok = prior.to_tokens(idx)
     mask = torch.zeros(2, tok.shape[1], dtype=torch.bool)
     mask[:, ::3] = True
+    logits = prior(tok, mask)
     changed = torch.where(mask[..., None], torch.randint_like(tok, cfg.model.num_codes), tok)
-    assert torch.equal(prior(tok, mask), prior(changed, mask))
+    # Masked tokens' codes: invisible to every other token, and to their own first code.
+    same = prior(changed, mask)
+    assert torch.equal(logits[~mask], same[~mask]) and torch.equal(logits[:, :, 0], same[:, :, 0])
+    last = tok.clone()
+    last[mask, -1] = (last[mask, -1] + 1) % cfg.model.num_codes  # a masked token's last code: seen by none
+    assert torch.equal(prior(last, mask), logits)
+    first = tok.clone()
+    first[mask, 0] = (first[mask, 0] + 1) % cfg.model.num_codes  # seen by the later codes of its own token only
+    assert torch.equal(prior(first, mask)[:, :, 0], logits[:, :, 0])
+    assert torch.equal(prior(first, mask)[~mask], logits[~mask])
+    assert torch.equal(prior(first, mask)[mask], logits[mask]) == (head == "independent")
     visible = tok.clone()
     visible[:, 1] = (visible[:, 1] + 1) % cfg.model.num_codes  # token 1 is visible: it must matter
-    assert not torch.equal(prior(tok, mask), prior(visible, mask))
+    assert not torch.equal(prior(visible, mask), logits)
+
+
+def test_sampling_draws_from_the_distribution_training_teaches(cfg):
+    # The sequential draw, code by code, must score each drawn code as the teacher-forced forward does.
+    cfg = dataclasses.replace(cfg, maskgit=dataclasses.replace(cfg.maskgit, head="sequential"))
+    prior = build_prior("maskgit", cfg).eval()
+    torch.nn.init.normal_(prior.mix[-1].weight, std=0.5)  # a non-trivial context path
+    x = torch.randn(5, cfg.maskgit.hidden)
+    codes, logp = prior.draw_tokens(x, torch.rand(5, prior.patch ** 2), 1.0, 0)
+    want = prior.logits(x, codes).log_softmax(-1).gather(-1, codes[..., None])[..., 0].sum(-1)
+    assert torch.allclose(logp, want, atol=1e-5)
 
 
 def test_tokens_round_trip(cfg):

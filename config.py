@@ -57,6 +57,10 @@ class GANConfig:
     loss: str = "wgan"           # "bce" (the report's), "hinge" or "wgan" (gan.LOSSES)
     head: str = "logits"         # "logits": K logits per position, argmax forward, softmax gradient; "snap": the
                                  # report's continuous map snapped to the nearest code
+    target: str = "codes"        # what the critic sees as real: "codes", the quantized maps (exact codebook
+                                 # vectors); "encoder", the encoder's continuous outputs before quantization
+                                 # (with head "snap": the critic sees the generator's map unsnapped, and only
+                                 # the maps handed to the decoder are snapped)
     critic_norm: str = "none"    # "batch" (the report's), "spectral" or "none" (what a gradient penalty needs)
     minibatch_std: bool = False  # the critic sees each batch's spread: repeating one map is punished
     r1_gamma: float = 0.0        # R1 penalty weight on real maps (0: off)
@@ -83,20 +87,22 @@ class GANConfig:
 # Named GAN recipes (`driver.py --gan-recipe NAME`): each sets the objective, what the critic sees and the
 # regularisation, every field of RECIPE_FIELDS; sizes, epochs and batch stay the preset's. The README's table
 # compares them on one frozen VQ-VAE per data set; "wgan-gp" measured best (judge, Frechet distance, time).
-RECIPE_FIELDS = ("loss", "head", "critic_norm", "minibatch_std", "r1_gamma", "r1_every", "gp_weight", "n_critic",
-                 "augment", "ema", "lr", "beta1", "beta2")
+RECIPE_FIELDS = ("loss", "head", "target", "critic_norm", "minibatch_std", "r1_gamma", "r1_every", "gp_weight",
+                 "n_critic", "augment", "ema", "lr", "beta1", "beta2")
 DEFAULT_GAN_RECIPE = "wgan-gp"
 GAN_RECIPES = {
     # Gulrajani et al. 2017: Wasserstein critic with a gradient penalty, several critic steps per generator step.
     # GANConfig's defaults, read from the dataclass so that the two cannot drift apart.
     DEFAULT_GAN_RECIPE: {k: getattr(GANConfig(), k) for k in RECIPE_FIELDS},
+    # The same on the encoder's continuous outputs: no disjoint supports, as in an image GAN.
+    "wgan-gp-latent": {k: getattr(GANConfig(), k) for k in RECIPE_FIELDS} | dict(head="snap", target="encoder"),
     # Mescheder et al. 2018 (R1), Zhao et al. 2020 (DiffAugment), Karras et al. (minibatch std, EMA generator).
-    "hinge-r1": dict(loss="hinge", head="logits", critic_norm="none", minibatch_std=True, r1_gamma=10.0, r1_every=4,
-                     gp_weight=0.0, n_critic=1, augment="translation,cutout", ema=0.995, lr=2e-4, beta1=0.0,
-                     beta2=0.99),
+    "hinge-r1": dict(loss="hinge", head="logits", target="codes", critic_norm="none", minibatch_std=True,
+                     r1_gamma=10.0, r1_every=4, gp_weight=0.0, n_critic=1, augment="translation,cutout", ema=0.995,
+                     lr=2e-4, beta1=0.0, beta2=0.99),
     # The original report's DCGAN: BCE, continuous map snapped to the nearest code, BatchNorm discriminator.
-    "report": dict(loss="bce", head="snap", critic_norm="batch", minibatch_std=False, r1_gamma=0.0, r1_every=4,
-                   gp_weight=0.0, n_critic=1, augment="", ema=0.0, lr=2e-4, beta1=0.5, beta2=0.999),
+    "report": dict(loss="bce", head="snap", target="codes", critic_norm="batch", minibatch_std=False, r1_gamma=0.0,
+                   r1_every=4, gp_weight=0.0, n_critic=1, augment="", ema=0.0, lr=2e-4, beta1=0.5, beta2=0.999),
 }
 
 
@@ -132,6 +138,8 @@ class MaskGITConfig:
     dropout: float = 0.0
     label_smoothing: float = 0.1
     conv_mlp: bool = True        # depthwise 3x3 conv on the token grid inside each MLP: neighbours matter most
+    head: str = "independent"    # a token's p*p codes drawn each on its own, or "sequential": in order, each
+                                 # seeing those before it (lower validation loss, samples no better: README)
     epochs: int = 8
     batch_size: int = 16
     lr: float = 2e-3             # AdamW (0.9, 0.95), linear warm-up then cosine decay

@@ -55,11 +55,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--code-dim", type=at_least(1), help="code dimension D (default: from the preset; paper 128)")
     p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs (default: from the preset; 30)")
     p.add_argument("--gan-lr", type=positive_float, help="GAN learning rate, generator and discriminator "
-                                                         "(default: from the preset; 2e-4)")
+                                                         "(default: from the recipe; wgan-gp 1e-4)")
     p.add_argument("--gan-recipe", choices=tuple(GAN_RECIPES),
                    help="GAN objective and regularisation: wgan-gp (Wasserstein loss, gradient penalty, 5 critic "
-                        "steps per generator step), hinge-r1 (hinge loss, R1 penalty, DiffAugment, minibatch-std "
-                        f"critic, EMA generator), report (the original BCE GAN, which collapses) "
+                        "steps per generator step), wgan-gp-latent (the same on the encoder's continuous "
+                        "outputs, snapped only to decode), hinge-r1 (hinge loss, R1 penalty, DiffAugment, "
+                        "minibatch-std critic, EMA generator), report (the original BCE GAN, which collapses) "
                         f"(default: {DEFAULT_GAN_RECIPE})")
     p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "
                    "codebook, or per-position code logits, argmax forward and softmax gradient (default: the "

@@ -351,19 +351,26 @@ class CodeGenerator(nn.Module):
         super().__init__()
         if cfg.head not in ("snap", "logits"):
             raise ValueError(f"GAN head must be 'snap' or 'logits', not {cfg.head!r}")
+        if cfg.target not in ("codes", "encoder") or (cfg.target == "encoder" and cfg.head != "snap"):
+            raise ValueError(f"GAN target must be 'codes' or 'encoder' (with head 'snap'), not {cfg.target!r} "
+                             f"with head {cfg.head!r}")
         self.head, self.noise_dim = cfg.head, cfg.noise_dim
+        self.continuous = cfg.target == "encoder"  # trains on unsnapped maps, like the encoder's outputs
         out = model_cfg.code_dim if cfg.head == "snap" else model_cfg.num_codes
         self.net = Generator(cfg, model_cfg.latent_size, out)
         self.register_buffer("codebook", torch.zeros(model_cfg.num_codes, model_cfg.code_dim))
 
     def forward(self, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> (code map N x D x h x w made of exact codebook vectors, index map N x h x w)."""
+        """-> (code map N x D x h x w made of exact codebook vectors, index map N x h x w); a generator of
+        continuous maps (target "encoder") in training mode returns its map unsnapped, for the critic."""
         out = self.net(noise).float()
         codebook = self.codebook.float()
         if self.head == "snap":
             n, d, h, w = out.shape
             flat = out.permute(0, 2, 3, 1).reshape(-1, d)
             idx = nearest_code(flat, codebook)
+            if self.continuous and self.training:
+                return out, idx.view(n, h, w)
             snapped = codebook[idx] + (flat - flat.detach())  # exact codes forward, gradients to G
             return snapped.view(n, h, w, d).permute(0, 3, 1, 2), idx.view(n, h, w)
         logits = out.permute(0, 2, 3, 1)  # N h w K: softmax and argmax over the contiguous last dim

@@ -30,6 +30,20 @@ def test_generated_maps_are_exact_codebook_vectors(trained, head):
         assert torch.equal(maps, vqvae.quantizer.lookup(idx))
 
 
+def test_a_continuous_generator_trains_unsnapped_and_samples_exact_codes(trained):
+    vqvae, _ = trained
+    cfg = preset("tiny")
+    gen = CodeGenerator(gan_recipe("wgan-gp-latent", cfg.gan), cfg.model)
+    gen.codebook.copy_(vqvae.quantizer.codebook)
+    noise = torch.randn(4, cfg.gan.noise_dim)
+    raw, idx = gen.train()(noise)
+    assert not torch.equal(raw, vqvae.quantizer.lookup(idx))  # the critic sees what the encoder would output
+    maps, idx = gen.eval()(noise)
+    assert torch.equal(maps, vqvae.quantizer.lookup(idx))  # what reaches the decoder: exact codes
+    with pytest.raises(ValueError, match="target"):
+        CodeGenerator(dataclasses.replace(cfg.gan, target="encoder", head="logits"), cfg.model)
+
+
 @pytest.mark.parametrize("head", ["snap", "logits"])
 def test_generator_gets_gradients_through_the_snap(trained, head):
     vqvae, _ = trained

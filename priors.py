@@ -189,20 +189,19 @@ class MaskGITPrior(nn.Module):
 
     def draw_tokens(self, x: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int):
         """Codes M x pp for M token features x (M x d), inverse-CDF draws from uniforms u (M x pp), and each
-        token's log-probability (M). A sequential head draws a token's codes in order, each seeing those before."""
-        codes, total = [], 0.0
-        ctx = torch.zeros_like(x)
-        for j in range(self.patch ** 2):
-            if self.context is None:
-                logits = self.read(x, j)
-            else:
-                h = x + ctx
-                logits = self.read(h + self.mix(h), j)
-            d, logp = draw(logits.float() / temperature, u[:, j], top_k)
+        token's log-probability (M). A sequential head draws a token's codes in order, each seeing those before;
+        the independent head draws them all at once."""
+        m, pp = x.shape[0], self.patch ** 2
+        if self.context is None:
+            d, logp = draw(self.logits(x, None).float().view(m * pp, -1) / temperature, u.reshape(-1), top_k)
+            return d.view(m, pp), logp.view(m, pp).sum(1)
+        codes, total, ctx = [], 0.0, torch.zeros_like(x)
+        for j in range(pp):
+            h = x + ctx
+            d, logp = draw(self.read(h + self.mix(h), j).float() / temperature, u[:, j], top_k)
             codes.append(d)
             total = total + logp
-            if self.context is not None:
-                ctx = ctx + self.context(d + self.offsets[j]).to(x.dtype)
+            ctx = ctx + self.context(d + self.offsets[j]).to(x.dtype)
         return torch.stack(codes, 1), total
 
 

@@ -42,11 +42,13 @@ def test_a_code_is_predicted_from_visible_tokens_and_its_own_tokens_earlier_code
     assert not torch.equal(prior(visible, mask), logits)
 
 
-def test_sampling_draws_from_the_distribution_training_teaches(cfg):
-    # The sequential draw, code by code, must score each drawn code as the teacher-forced forward does.
-    cfg = dataclasses.replace(cfg, maskgit=dataclasses.replace(cfg.maskgit, head="sequential"))
+@pytest.mark.parametrize("head", ["sequential", "independent"])
+def test_sampling_draws_from_the_distribution_training_teaches(cfg, head):
+    # The draw (code by code for the sequential head) must score each drawn code as the training forward does.
+    cfg = dataclasses.replace(cfg, maskgit=dataclasses.replace(cfg.maskgit, head=head))
     prior = build_prior("maskgit", cfg).eval()
-    torch.nn.init.normal_(prior.mix[-1].weight, std=0.5)  # a non-trivial context path
+    if prior.mix is not None:
+        torch.nn.init.normal_(prior.mix[-1].weight, std=0.5)  # a non-trivial context path
     x = torch.randn(5, cfg.maskgit.hidden)
     codes, logp = prior.draw_tokens(x, torch.rand(5, prior.patch ** 2), 1.0, 0)
     want = prior.logits(x, codes).log_softmax(-1).gather(-1, codes[..., None])[..., 0].sum(-1)

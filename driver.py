@@ -53,18 +53,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: from the preset; paper constant, quick cosine)")
     p.add_argument("--num-codes", type=at_least(2), help="codebook size K (default: from the preset; paper 512)")
     p.add_argument("--code-dim", type=at_least(1), help="code dimension D (default: from the preset; paper 128)")
-    p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs (default: from the preset; 30)")
+    p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs (default: from the preset; paper 30, "
+                                                          "quick 120)")
     p.add_argument("--gan-lr", type=positive_float, help="GAN learning rate, generator and discriminator "
-                                                         "(default: from the recipe; wgan-gp 1e-4)")
+                                                         "(default: from the recipe; wgan-gp-latent 1e-4)")
     p.add_argument("--gan-recipe", choices=tuple(GAN_RECIPES),
-                   help="GAN objective and regularisation: wgan-gp (Wasserstein loss, gradient penalty, 5 critic "
-                        "steps per generator step), wgan-gp-latent (the same on the encoder's continuous "
-                        "outputs, snapped only to decode), hinge-r1 (hinge loss, R1 penalty, DiffAugment, "
-                        "minibatch-std critic, EMA generator), report (the original BCE GAN, which collapses) "
+                   help="GAN objective, what its critic sees and its regularisation: wgan-gp-latent (Wasserstein "
+                        "loss, gradient penalty, 5 critic steps per generator step, on the encoder's continuous "
+                        "outputs; the generator's map is snapped to codes only to decode), wgan-gp (the same on "
+                        "the code maps), hinge-r1 (hinge loss, R1 penalty, DiffAugment, minibatch-std critic, EMA "
+                        "generator, on the code maps), report (the original BCE GAN, which collapses) "
                         f"(default: {DEFAULT_GAN_RECIPE})")
     p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "
-                   "codebook, or per-position code logits, argmax forward and softmax gradient (default: the "
-                   "recipe's; logits, report: snap)")
+                   "codebook, or per-position code logits, argmax forward and softmax gradient; logits need a "
+                   "recipe on the code maps (default: the recipe's; snap, wgan-gp and hinge-r1: logits)")
     p.add_argument("--pixelcnn-epochs", "--prior-epochs", type=at_least(1), dest="pixelcnn_epochs",
                    help="PixelCNN epochs (default: from the preset; quick 7)")
     p.add_argument("--pixelcnn-lr", type=positive_float, help="PixelCNN learning rate (default: from the preset; 1e-3)")
@@ -101,6 +103,10 @@ def build_config(args, device: torch.device) -> Config:
     if args.gan_recipe:
         cfg.gan = gan_recipe(args.gan_recipe, cfg.gan)
     cfg.gan = override(cfg.gan, epochs=args.gan_epochs, head=args.gan_head, lr=args.gan_lr)
+    try:
+        cfg.gan.check()
+    except ValueError as e:
+        raise RunError(str(e)) from None
     cfg.pixelcnn = override(cfg.pixelcnn, epochs=args.pixelcnn_epochs, lr=args.pixelcnn_lr)
     cfg.maskgit = override(cfg.maskgit, epochs=args.maskgit_epochs)
     if args.prior in PRIORS:

@@ -349,11 +349,7 @@ class CodeGenerator(nn.Module):
 
     def __init__(self, cfg: GANConfig, model_cfg: ModelConfig):
         super().__init__()
-        if cfg.head not in ("snap", "logits"):
-            raise ValueError(f"GAN head must be 'snap' or 'logits', not {cfg.head!r}")
-        if cfg.target not in ("codes", "encoder") or (cfg.target == "encoder" and cfg.head != "snap"):
-            raise ValueError(f"GAN target must be 'codes' or 'encoder' (with head 'snap'), not {cfg.target!r} "
-                             f"with head {cfg.head!r}")
+        cfg.check()
         self.head, self.noise_dim = cfg.head, cfg.noise_dim
         self.continuous = cfg.target == "encoder"  # trains on unsnapped maps, like the encoder's outputs
         out = model_cfg.code_dim if cfg.head == "snap" else model_cfg.num_codes

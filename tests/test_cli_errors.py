@@ -212,6 +212,13 @@ def test_a_failed_start_removes_the_folder_it_made(tmp_path, capsys):
     assert not run_dir.exists()
 
 
+def test_a_gan_head_its_recipe_cannot_have_is_refused_before_any_work(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    line = one_line(capsys, driver.main(["--run-dir", str(run_dir), "--prior", "gan", "--gan-head", "logits", *TINY]))
+    assert "needs the snap head" in line and "--gan-recipe wgan-gp" in line
+    assert not run_dir.exists()
+
+
 def test_a_failed_resume_keeps_the_run_folder(run_copy, capsys):
     before = contents(run_copy)
     line = one_line(capsys, driver.main(["--resume", "--run-dir", str(run_copy), "--device", "cpu",

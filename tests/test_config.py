@@ -45,3 +45,11 @@ def test_config_from_before_the_gan_recipes_reads_as_the_report_recipe():
     gan = Config.from_dict(old).gan
     assert (gan.loss, gan.head, gan.critic_norm, gan.r1_gamma, gan.ema, gan.g_width) == ("bce", "snap", "batch", 0.0,
                                                                                          0.0, 128)
+
+
+def test_config_from_before_the_latent_gan_reads_as_a_gan_of_code_maps():
+    old = preset("quick").to_dict()
+    old["gan"] = {**old["gan"], "head": "logits"}
+    del old["gan"]["target"]  # the previous version's wgan-gp: logits over codes
+    assert (Config.from_dict(old).gan.head, Config.from_dict(old).gan.target) == ("logits", "codes")
+    assert Config.from_dict(preset("quick").to_dict()).gan.target == "encoder"

@@ -5,7 +5,7 @@ import torch
 from test_vqvae import blob_split, tiny
 
 import gan
-from config import GAN_RECIPES, RECIPE_FIELDS, GANConfig, gan_recipe, preset
+from config import DEFAULT_GAN_RECIPE, GAN_RECIPES, RECIPE_FIELDS, GANConfig, gan_recipe, preset
 from evaluate import sample_codes
 from modules import VQVAE, CodeGenerator, Discriminator, MinibatchStd
 from train import train_prior, train_vqvae
@@ -22,7 +22,7 @@ def trained(tmp_path_factory):
 def test_generated_maps_are_exact_codebook_vectors(trained, head):
     vqvae, _ = trained
     cfg = preset("tiny")
-    gen = CodeGenerator(dataclasses.replace(cfg.gan, head=head), cfg.model)
+    gen = CodeGenerator(dataclasses.replace(cfg.gan, head=head, target="codes"), cfg.model)
     gen.codebook.copy_(vqvae.quantizer.codebook)
     for mode in (gen.train, gen.eval):
         mode()
@@ -40,7 +40,7 @@ def test_a_continuous_generator_trains_unsnapped_and_samples_exact_codes(trained
     assert not torch.equal(raw, vqvae.quantizer.lookup(idx))  # the critic sees what the encoder would output
     maps, idx = gen.eval()(noise)
     assert torch.equal(maps, vqvae.quantizer.lookup(idx))  # what reaches the decoder: exact codes
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(ValueError, match="needs the snap head"):
         CodeGenerator(dataclasses.replace(cfg.gan, target="encoder", head="logits"), cfg.model)
 
 
@@ -48,7 +48,7 @@ def test_a_continuous_generator_trains_unsnapped_and_samples_exact_codes(trained
 def test_generator_gets_gradients_through_the_snap(trained, head):
     vqvae, _ = trained
     cfg = preset("tiny")
-    gen = CodeGenerator(dataclasses.replace(cfg.gan, head=head), cfg.model).train()
+    gen = CodeGenerator(dataclasses.replace(cfg.gan, head=head, target="codes"), cfg.model).train()
     gen.codebook.copy_(vqvae.quantizer.codebook)
     disc = Discriminator(cfg.gan, cfg.model.latent_size, cfg.model.code_dim)
     maps, _ = gen(torch.randn(4, cfg.gan.noise_dim))
@@ -175,8 +175,10 @@ def test_recipes_change_objective_not_sizes():
     report = gan_recipe("report", quick)
     assert (report.loss, report.head, report.critic_norm, report.r1_gamma) == ("bce", "snap", "batch", 0.0)
     assert (report.g_width, report.epochs, report.batch_size) == (quick.g_width, quick.epochs, quick.batch_size)
-    back = gan_recipe("wgan-gp", report)
+    back = gan_recipe(DEFAULT_GAN_RECIPE, report)
     assert all(getattr(back, k) == getattr(GANConfig(), k) for k in RECIPE_FIELDS)  # the default recipe
+    codes = gan_recipe("wgan-gp", quick)
+    assert (codes.loss, codes.head, codes.target, codes.gp_weight) == ("wgan", "logits", "codes", 10.0)
     assert gan_recipe("hinge-r1", quick).r1_gamma == 10.0 and gan_recipe("hinge-r1", quick).gp_weight == 0.0
     with pytest.raises(ValueError, match="unknown GAN recipe"):
         gan_recipe("stylegan", quick)

@@ -7,12 +7,11 @@ Every variant, and the judge, take this version's settings for the run's preset 
 one table compares this version's generators on the run's VQ-VAE, and tables of different runs compare.
 
 A variant is a prior name (config.PRIORS), for the GAN optionally with a recipe (config.GAN_RECIPES). Each
-trains into RUN/compare/<variant>/ with the run's config (resumable: a finished variant is only measured
+trains into RUN/compare/<variant>/ on the run's VQ-VAE and data (resumable: a finished variant is only measured
 again), then is measured as driver.py measures its priors (evaluate.generation_metrics: Frechet distance,
 MS-SSIM diversity, nearest-training SSIM, the judge against real slices and against reconstructions, each next
-to its real-vs-real reference), with the seconds
-of training steps (from each epoch's rate, so a resumed variant counts all its epochs; per-epoch evaluation
-excluded) and the seconds to sample 64 maps. Writes
+to its real-vs-real reference), with the seconds of training steps (from each epoch's rate, so a resumed
+variant counts all its epochs; per-epoch evaluation excluded) and the seconds to sample 64 maps. Writes
 RUN/compare/<variant>/metrics.json and a sample grid, and prints a Markdown table.
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Compare generators on ONE frozen VQ-VAE of a finished run: train each, measure each, print one table.
 
-    python compare.py runs/001-quick-builtin gan:report gan:wgan-gp gan:hinge-r1 --gan-epochs 60
+    python compare.py runs/001-quick-builtin gan:wgan-gp-latent gan:wgan-gp gan:hinge-r1 gan:report --gan-epochs 120
     python compare.py runs/001-quick-builtin maskgit pixelcnn
 
 Every variant, and the judge, take this version's settings for the run's preset (not the run's own), so that
@@ -44,7 +44,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run_dir", type=Path, help="a finished driver.py run (its best VQ-VAE is used, frozen)")
     p.add_argument("variants", nargs="+", type=parse_variant, metavar="VARIANT",
-                   help="prior or gan:RECIPE, e.g. maskgit pixelcnn gan:report gan:wgan-gp gan:hinge-r1")
+                   help="prior or gan:RECIPE, e.g. maskgit pixelcnn gan:wgan-gp-latent gan:wgan-gp gan:report")
     p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs for every GAN variant (default: the run's)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     return p.parse_args(argv)

@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-codes", type=at_least(2), help="codebook size K (default: from the preset; paper 512)")
     p.add_argument("--code-dim", type=at_least(1), help="code dimension D (default: from the preset; paper 128)")
     p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs (default: from the preset; paper 30, "
-                                                          "quick 120)")
+                                                          "quick 240)")
     p.add_argument("--gan-lr", type=positive_float, help="GAN learning rate, generator and discriminator "
                                                          "(default: from the recipe; wgan-gp-latent 1e-4)")
     p.add_argument("--gan-recipe", choices=tuple(GAN_RECIPES),

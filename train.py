@@ -424,13 +424,12 @@ class GANStage(PriorStage):
                            "critic": adam(self.critic.parameters(), g.lr, device, (g.beta1, g.beta2))}
         self.lrs = {"generator": g.lr, "critic": g.lr}
         self.scale = 1 / self.vqvae.quantizer.codebook.float().std()
-        self.train_images = data["train"].images
+        self.train_u8 = data["train"].images.to(device) if g.target == "encoder" else None
 
     def batch(self, idx):
         if self.part.target == "encoder":  # encoded per batch: a whole split's continuous maps can be gigabytes
-            images = to_float(self.train_images[idx.to(self.train_images.device)])
             with torch.no_grad(), autocast(self.device, self.bf16):
-                return self.vqvae.encoder(images).float() * self.scale
+                return self.vqvae.encoder(training_batch(self.train_u8, idx)).float() * self.scale
         return self.vqvae.quantizer.lookup(self.train_idx[idx].long()).float() * self.scale
 
     def critic_input(self, maps: torch.Tensor) -> torch.Tensor:

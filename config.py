@@ -173,8 +173,7 @@ class MaskGITConfig:
 class JudgeConfig:
     """The classifier two-sample test (metrics.c2st) that judges generated slices."""
     seeds: int = 3               # classifiers trained, each on one half of both sets and scored on the other
-    steps: int = 1000            # Adam steps per classifier (600 scored a PixelCNN 0.95 where 1000 scored 0.96,
-                                 # with real-vs-real unchanged: README, the judge's calibration)
+    steps: int = 1000            # Adam steps per classifier: calibrated on the pre-redesign PixelCNN (README)
     max_size: int = 64           # slices are average-pooled to at most this side: a code cell stays >= 1 px
 
 

@@ -385,10 +385,11 @@ def code_histogram_distance(idx_a: torch.Tensor, idx_b: torch.Tensor, num_codes:
 # ----------------------------------------------------------------------------- the judge
 
 class _JudgeNet(torch.nn.Module):
-    """Small CNN for the two-sample test: strided 3x3 convs down to <= 8 px, then global average pooling and a
-    logit: it scores what is common to a slice's texture and layout, not where one bright pixel sits. (A second
-    conv per scale told generated slices apart better, but also told the validation split's six people from the
-    test split's: real-vs-real rose to 0.58-0.68. The judge must not score real slices as fake.)
+    """Small CNN for the two-sample test: per scale a strided 3x3 conv and a second 3x3 conv (ReLU), down to
+    <= 8 px, then global average pooling and a logit: it scores what is common to a slice's texture and layout,
+    not where one bright pixel sits. The second conv per scale, and ReLU rather than leaky ReLU, are what let it
+    see a missing folded rim or ventricles in as many steps (README, the judge's calibration); it also tells a
+    few people from a few others, which is why its reference is a training draw, not validation.
 
     No normalisation layers: a batch statistic shared by both classes would leak labels between items."""
 
@@ -396,14 +397,15 @@ class _JudgeNet(torch.nn.Module):
         super().__init__()
         layers, c_in, c = [], 1, width
         while size > 8:
-            layers += [torch.nn.Conv2d(c_in, c, 3, stride=2, padding=1), torch.nn.LeakyReLU(0.2)]
+            layers += [torch.nn.Conv2d(c_in, c, 3, stride=2, padding=1), torch.nn.ReLU(inplace=True),
+                       torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(inplace=True)]
             c_in, c, size = c, min(2 * c, 4 * width), size // 2
         self.features = torch.nn.Sequential(*layers)
         self.head = torch.nn.Linear(c_in, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x * 2 - 1)
-        return self.head(h.mean((2, 3))).flatten()
+        return self.head(h.float().mean((2, 3))).flatten()
 
 
 def _halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -422,26 +424,31 @@ def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.flip(3) if torch.rand((), generator=g) < 0.5 else x
 
 
-def _c2st_once(a: torch.Tensor, b: torch.Tensor, seed: int, steps: int, batch_size: int, lr: float) -> tuple:
+def _c2st_once(a: torch.Tensor, b: torch.Tensor, seed: int, steps: int, batch_size: int, lr: float,
+               bf16: bool) -> tuple:
     """One classifier, trained on one half of each set: (AUC, accuracy at logit 0) on the other halves."""
     first, second = _halves(len(a))
     fit, held = (first, second) if seed % 2 == 0 else (second, first)  # odd seeds swap the halves
     g = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = _JudgeNet(a.shape[-1]).to(a.device)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+        net = _JudgeNet(a.shape[-1]).to(a.device, memory_format=torch.channels_last)
+    opt = torch.optim.Adam(net.parameters(), lr=lr, fused=a.device.type in ("cpu", "cuda"))
     x = torch.cat([a[fit], b[fit]])
     y = torch.cat([torch.zeros(len(fit)), torch.ones(len(fit))]).to(a.device)
+    mixed = torch.autocast(a.device.type, torch.bfloat16, enabled=bf16)
     for _ in range(steps):
         pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=g).to(a.device)
-        loss = F.binary_cross_entropy_with_logits(net(_jitter(x[pick], g)), y[pick])
+        with mixed:
+            logits = net(_jitter(x[pick], g).contiguous(memory_format=torch.channels_last))
+        loss = F.binary_cross_entropy_with_logits(logits, y[pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     net.eval()
-    with torch.no_grad():
-        score_a, score_b = net(a[held]).cpu(), net(b[held]).cpu()
+    with torch.no_grad(), mixed:
+        score_a, score_b = (net(s.contiguous(memory_format=torch.channels_last)).float().cpu()
+                            for s in (a[held], b[held]))
     accuracy = float(torch.cat([score_a <= 0, score_b > 0]).float().mean())
     return auc(score_b, score_a), accuracy
 
@@ -453,7 +460,7 @@ def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
 
 
 def c2st(a: torch.Tensor, b: torch.Tensor, seeds: int = 3, steps: int = 1000, batch_size: int = 32,
-         lr: float = 1e-3, max_size: int = 128) -> dict:
+         lr: float = 1e-3, max_size: int = 128, bf16: bool = False) -> dict:
     """Classifier two-sample test: how well a small CNN tells set ``a`` from set ``b`` (N x 1 x H x W).
 
     Both sets are cut to the same size n (the first n of each) and into contiguous halves; a fresh
@@ -468,8 +475,10 @@ def c2st(a: torch.Tensor, b: torch.Tensor, seeds: int = 3, steps: int = 1000, ba
     the held-out people differ from the training half's, and a classifier that ranks every generated slice
     above every real one can still have all its held-out scores shifted across 0 by who those people are,
     which made accuracy swing between seeds on real-vs-real and understate how clearly fakes were told.
+    ``bf16`` trains and scores under bfloat16 autocast (channels-last either way): on hardware with fast bf16
+    it is about twice as fast; the scores then differ from float32's by a little more than rounding.
     Returns {"auc": mean over ``seeds`` runs, "accuracy", "std" (of the AUC), "runs" (AUCs), "n"}.
-    Deterministic for given inputs.
+    Deterministic for given inputs (and precision).
     """
     n = min(len(a), len(b))
     if n < 4:
@@ -478,7 +487,7 @@ def c2st(a: torch.Tensor, b: torch.Tensor, seeds: int = 3, steps: int = 1000, ba
     while a.shape[-1] > max_size:
         a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
     with torch.enable_grad():
-        runs = [_c2st_once(a, b, s, steps, batch_size, lr) for s in range(seeds)]
+        runs = [_c2st_once(a, b, s, steps, batch_size, lr, bf16) for s in range(seeds)]
     t = torch.tensor([r[0] for r in runs], dtype=torch.float64)
     return {"auc": float(t.mean()), "accuracy": sum(r[1] for r in runs) / len(runs),
             "std": float(t.std()) if len(runs) > 1 else 0.0, "runs": t.tolist(), "n": n}

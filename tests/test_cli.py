@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_png
 
 import compare
@@ -215,3 +216,12 @@ def test_compare_trains_each_variant_on_the_frozen_vqvae(run, tmp_path, capsys):
     assert "| real reference |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         compare.parse_args([str(run_dir), "maskgit:hinge-r1"])  # recipes are the GAN's only
+
+
+def test_the_judges_reference_draws_training_slices_across_the_split():
+    split = torch.arange(64, dtype=torch.uint8).view(64, 1, 1, 1).expand(64, 1, 4, 4)
+    draw = evaluate.training_draw(split, 16)
+    picked = draw[:, 0, 0, 0].tolist()
+    assert len(set(picked)) == 16 and picked != list(range(16)) and max(picked) >= 32  # not the first people
+    assert torch.equal(draw, evaluate.training_draw(split, 16))  # seeded
+    assert len(evaluate.training_draw(split, 100)) == 64

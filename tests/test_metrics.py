@@ -158,9 +158,10 @@ def test_c2st_cannot_tell_two_halves_of_one_set_apart():
     assert 0.35 <= result["auc"] <= 0.65 and result["n"] == 64 and len(result["runs"]) == 3
 
 
-def test_c2st_tells_slices_from_blank_images():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_c2st_tells_slices_from_blank_images(bf16):
     images = blobs(64, seed=1)
-    assert metrics.c2st(images, torch.zeros_like(images), seeds=3, steps=100)["auc"] >= 0.95
+    assert metrics.c2st(images, torch.zeros_like(images), seeds=3, steps=100, bf16=bf16)["auc"] >= 0.95
 
 
 def test_c2st_is_deterministic_for_its_inputs():

@@ -248,7 +248,8 @@ def summary_table(r: dict) -> str:
             rows.append((f"{kind}: KID x1e3 (real-vs-real)", f"{1e3 * g['kid']:.2f} ({1e3 * g['kid_real']:.2f})"))
             rows.append((f"{kind}: MS-SSIM diversity (real)", f"{g['ms_ssim']:.3f} ({g['ms_ssim_real']:.3f})"))
             rows.append((f"{kind}: nearest-train SSIM (real)", f"{g['nn_ssim']:.3f} ({g['nn_ssim_real']:.3f})"))
-            rows.append((f"{kind}: judge AUC vs real test (training slices)", f"{g['c2st']:.3f} ({g['c2st_real']:.3f})"))
+            rows.append((f"{kind}: judge AUC vs real test (training slices)",
+                         f"{g['c2st']:.3f} ({g['c2st_real']:.3f})"))
             rows.append((f"{kind}: judge AUC vs reconstructions (training slices')",
                          f"{g['c2st_recon']:.3f} ({g['c2st_recon_real']:.3f})"))
     for key, value in r["timing"].items():

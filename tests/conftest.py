@@ -1,3 +1,4 @@
+import signal
 import sys
 from pathlib import Path
 
@@ -40,3 +41,10 @@ def make_tree(root: Path, cases=(2, 1, 1), slices: int = 3, size: int = 16, seed
 @pytest.fixture
 def tree(tmp_path):
     return make_tree(tmp_path / "keras_png_slices_data")
+
+
+def default_sigint() -> None:
+    """preexec_fn for a child whose Ctrl-C is under test: SIGINT back to its default. A suite started as a
+    background job of a shell without job control runs with SIGINT ignored, and children inherit that, so
+    Python would install no KeyboardInterrupt handler and the signal the test sends would do nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

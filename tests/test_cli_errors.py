@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import default_sigint
 
 import driver
 import predict
@@ -65,7 +66,7 @@ def start_driver(tmp_path, log: str, *argv) -> subprocess.Popen:
     out, err = (open(tmp_path / f"{log}.{kind}", "w") for kind in ("out", "err"))
     with out, err:
         return subprocess.Popen([sys.executable, str(ROOT / "driver.py"), *argv], cwd=tmp_path, env=cli_env(tmp_path),
-                                stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+                                stdout=out, stderr=err, stdin=subprocess.DEVNULL, preexec_fn=default_sigint)
 
 
 def wait_for(condition, proc: subprocess.Popen, seconds: float = 180) -> None:

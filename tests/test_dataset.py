@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from conftest import make_tree, write_png
+from conftest import default_sigint, make_tree, write_png
 
 import dataset
 from dataset import DataError, batches, find_root, load_folder, load_split, load_splits, natural_key
@@ -188,7 +188,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def run_script(*args, **kwargs) -> subprocess.CompletedProcess:
     """`python dataset.py ARGS` in a fresh process (the cache comes from the test's environment)."""
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, **kwargs)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, preexec_fn=default_sigint, **kwargs)
 
 
 def describe_cli(tree, *flags) -> subprocess.CompletedProcess:

@@ -385,11 +385,13 @@ def code_histogram_distance(idx_a: torch.Tensor, idx_b: torch.Tensor, num_codes:
 # ----------------------------------------------------------------------------- the judge
 
 class _JudgeNet(torch.nn.Module):
-    """Small CNN for the two-sample test: per scale a strided 3x3 conv and a second 3x3 conv (ReLU), down to
-    <= 8 px, then global average pooling and a logit: it scores what is common to a slice's texture and layout,
-    not where one bright pixel sits. The second conv per scale, and ReLU rather than leaky ReLU, are what let it
-    see a missing folded rim or ventricles in as many steps (README, the judge's calibration); it also tells a
-    few people from a few others, which is why its reference is a training draw, not validation.
+    """Small CNN for the two-sample test: per scale a strided 3x3 conv and a second 3x3 conv, down to <= 8 px,
+    then global average pooling and a logit: it scores what is common to a slice's texture and layout, not where
+    one bright pixel sits. The second conv per scale, and a leaky slope of 0.01 rather than 0.2, are what let it
+    see a missing folded rim or ventricles in as many steps (README, the judge's calibration); the slope is not
+    0, because a network of plain ReLUs can die into a constant output, which scores exactly 0.5 ("cannot tell
+    them apart") for any pair (seen at 128 px). It also tells a few people from a few others, which is why its
+    reference is a training draw, not validation.
 
     No normalisation layers: a batch statistic shared by both classes would leak labels between items."""
 
@@ -397,8 +399,8 @@ class _JudgeNet(torch.nn.Module):
         super().__init__()
         layers, c_in, c = [], 1, width
         while size > 8:
-            layers += [torch.nn.Conv2d(c_in, c, 3, stride=2, padding=1), torch.nn.ReLU(inplace=True),
-                       torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.ReLU(inplace=True)]
+            layers += [torch.nn.Conv2d(c_in, c, 3, stride=2, padding=1), torch.nn.LeakyReLU(0.01, inplace=True),
+                       torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.LeakyReLU(0.01, inplace=True)]
             c_in, c, size = c, min(2 * c, 4 * width), size // 2
         self.features = torch.nn.Sequential(*layers)
         self.head = torch.nn.Linear(c_in, 1)

@@ -448,9 +448,8 @@ def _c2st_once(a: torch.Tensor, b: torch.Tensor, seed: int, steps: int, batch_si
         loss.backward()
         opt.step()
     net.eval()
-    with torch.no_grad(), mixed:
-        score_a, score_b = (net(s.contiguous(memory_format=torch.channels_last)).float().cpu()
-                            for s in (a[held], b[held]))
+    with torch.no_grad():  # scored in float32: bf16 logits (8-bit mantissa) tie often, and ties read as AUC 0.5
+        score_a, score_b = (net(s.contiguous(memory_format=torch.channels_last)).cpu() for s in (a[held], b[held]))
     accuracy = float(torch.cat([score_a <= 0, score_b > 0]).float().mean())
     return auc(score_b, score_a), accuracy
 
@@ -477,8 +476,9 @@ def c2st(a: torch.Tensor, b: torch.Tensor, seeds: int = 3, steps: int = 1000, ba
     the held-out people differ from the training half's, and a classifier that ranks every generated slice
     above every real one can still have all its held-out scores shifted across 0 by who those people are,
     which made accuracy swing between seeds on real-vs-real and understate how clearly fakes were told.
-    ``bf16`` trains and scores under bfloat16 autocast (channels-last either way): on hardware with fast bf16
-    it is about twice as fast; the scores then differ from float32's by a little more than rounding.
+    ``bf16`` trains under bfloat16 autocast (channels-last either way; held-out scores are always float32):
+    on hardware with fast bf16 it is about twice as fast; the scores then differ from float32's by a little more
+    than rounding.
     Returns {"auc": mean over ``seeds`` runs, "accuracy", "std" (of the AUC), "runs" (AUCs), "n"}.
     Deterministic for given inputs (and precision).
     """

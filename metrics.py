@@ -406,8 +406,8 @@ class _JudgeNet(torch.nn.Module):
         self.head = torch.nn.Linear(c_in, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.features(x * 2 - 1)
-        return self.head(h.float().mean((2, 3))).flatten()
+        h = self.features(x.contiguous(memory_format=torch.channels_last) * 2 - 1)
+        return self.head(h.mean((2, 3))).flatten()
 
 
 def _halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -442,14 +442,14 @@ def _c2st_once(a: torch.Tensor, b: torch.Tensor, seed: int, steps: int, batch_si
     for _ in range(steps):
         pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=g).to(a.device)
         with mixed:
-            logits = net(_jitter(x[pick], g).contiguous(memory_format=torch.channels_last))
+            logits = net(_jitter(x[pick], g))
         loss = F.binary_cross_entropy_with_logits(logits, y[pick])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
     net.eval()
     with torch.no_grad():  # scored in float32: bf16 logits (8-bit mantissa) tie often, and ties read as AUC 0.5
-        score_a, score_b = (net(s.contiguous(memory_format=torch.channels_last)).cpu() for s in (a[held], b[held]))
+        score_a, score_b = net(a[held]).cpu(), net(b[held]).cpu()
     accuracy = float(torch.cat([score_a <= 0, score_b > 0]).float().mean())
     return auc(score_b, score_a), accuracy
 

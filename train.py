@@ -537,7 +537,9 @@ class MaskGITStage(PriorStage):
 
     def step(self, target):
         tok, mask = self.prior.random_masks(target)
-        loss = self.prior.masked_loss(self.nets["prior"](tok, mask), tok, mask)  # through DDP's forward
+        with autocast(self.device, self.bf16):  # the run's precision, as every other stage; the loss is float32
+            logits = self.nets["prior"](tok, mask)  # through DDP's forward
+        loss = self.prior.masked_loss(logits, tok, mask)
         opt = self.optimizers["adamw"]
         opt.zero_grad(set_to_none=True)
         loss.backward()

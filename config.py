@@ -279,8 +279,8 @@ def _quick() -> Config:
         model=ModelConfig(image_size=128, hidden=64, res_hidden=32, num_codes=128, code_dim=32, dead_after=20),
         train=TrainConfig(epochs=20, batch_size=32, lr=2e-3, lr_schedule="cosine"),
         gan=GANConfig(epochs=240),  # wgan-gp-latent still improving at 120 (realbrain FD 0.28 -> 0.14 at 240)
-        # Twice the default rate, better on both data sets at the same cost; 2 heads of 64 (faster on a CPU) and
-        # 12 epochs, chosen by the judge on the validation split (README, what moves MaskGIT)
+        # Twice the default rate: better on both data sets at the same cost. 2 heads of 64 and 12 epochs: chosen by
+        # the judge on the validation split over several trainings (README, "This session")
         maskgit=MaskGITConfig(lr=4e-3, heads=2, epochs=12),
         pixelcnn=PixelCNNConfig(hidden=64, layers=8, epochs=7, batch_size=32),
         n_samples=256,

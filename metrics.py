@@ -386,8 +386,8 @@ def code_histogram_distance(idx_a: torch.Tensor, idx_b: torch.Tensor, num_codes:
 
 class _JudgeNet(torch.nn.Module):
     """Small CNN for the two-sample test: per scale a strided 3x3 conv and a second 3x3 conv, down to <= 8 px,
-    then global average pooling and a logit: it scores what is common to a slice's texture and layout, not where
-    one bright pixel sits. The second conv per scale, and a leaky slope of 0.01 rather than 0.2, are what let it
+    then each feature's mean and standard deviation over the slice and a logit: it scores what is common to a
+    slice's texture and layout, not where one bright pixel sits. The second conv per scale, and a leaky slope of 0.01 rather than 0.2, are what let it
     see a missing folded rim or ventricles in as many steps (README, the judge's calibration); the slope is not
     0, because a network of plain ReLUs can die into a constant output, which scores exactly 0.5 ("cannot tell
     them apart") for any pair (seen at 128 px). It also tells a few people from a few others, which is why its
@@ -403,11 +403,14 @@ class _JudgeNet(torch.nn.Module):
                        torch.nn.Conv2d(c, c, 3, padding=1), torch.nn.LeakyReLU(0.01, inplace=True)]
             c_in, c, size = c, min(2 * c, 4 * width), size // 2
         self.features = torch.nn.Sequential(*layers)
-        self.head = torch.nn.Linear(c_in, 1)
+        self.head = torch.nn.Linear(2 * c_in, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.features(x.contiguous(memory_format=torch.channels_last) * 2 - 1)
-        return self.head(h.mean((2, 3))).flatten()
+        # Each feature's mean and its spread over the slice: speckle barely moves a feature's mean but raises its
+        # spread from the first step, so the classifier need not first grow a texture detector from a mean alone
+        # (with the mean only, it sat at chance for 500-1500+ steps, and 1000 steps caught speckle or not by seed).
+        return self.head(torch.cat([h.mean((2, 3)), h.float().std((2, 3)).to(h.dtype)], 1)).flatten()
 
 
 def _halves(n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -461,7 +464,7 @@ def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
 
 
 def c2st(a: torch.Tensor, b: torch.Tensor, seeds: int = 3, steps: int = 1000, batch_size: int = 32,
-         lr: float = 1e-3, max_size: int = 128, bf16: bool = False) -> dict:
+         lr: float = 5e-4, max_size: int = 128, bf16: bool = False) -> dict:
     """Classifier two-sample test: how well a small CNN tells set ``a`` from set ``b`` (N x 1 x H x W).
 
     Both sets are cut to the same size n (the first n of each) and into contiguous halves; a fresh

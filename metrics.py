@@ -385,13 +385,13 @@ def code_histogram_distance(idx_a: torch.Tensor, idx_b: torch.Tensor, num_codes:
 # ----------------------------------------------------------------------------- the judge
 
 class _JudgeNet(torch.nn.Module):
-    """Small CNN for the two-sample test: per scale a strided 3x3 conv and a second 3x3 conv, down to <= 8 px,
-    then each feature's mean and standard deviation over the slice and a logit: it scores what is common to a
-    slice's texture and layout, not where one bright pixel sits. The second conv per scale, and a leaky slope of 0.01 rather than 0.2, are what let it
-    see a missing folded rim or ventricles in as many steps (README, the judge's calibration); the slope is not
-    0, because a network of plain ReLUs can die into a constant output, which scores exactly 0.5 ("cannot tell
-    them apart") for any pair (seen at 128 px). It also tells a few people from a few others, which is why its
-    reference is a training draw, not validation.
+    """Small CNN for the two-sample test: per scale a strided 3x3 conv and a second 3x3 conv, down to <= 8 px, then each
+    feature's mean and standard deviation over the slice and a logit: it scores what is common to a slice's texture and
+    layout, not where one bright pixel sits. The second conv per scale, and a leaky slope of 0.01 rather than 0.2, are
+    what let it see a missing folded rim or ventricles in as many steps (README, the judge's calibration); the slope is
+    not 0, because a network of plain ReLUs can die into a constant output, which scores exactly 0.5 ("cannot tell them
+    apart") for any pair (seen at 128 px). It also tells a few people from a few others, which is why its reference is a
+    training draw, not validation.
 
     No normalisation layers: a batch statistic shared by both classes would leak labels between items."""
 

@@ -174,6 +174,7 @@ class JudgeConfig:
     """The classifier two-sample test (metrics.c2st) that judges generated slices."""
     seeds: int = 3               # classifiers trained, each on one half of both sets and scored on the other
     steps: int = 1000            # Adam steps per classifier: calibrated on the pre-redesign PixelCNN (README)
+    lr: float = 5e-4             # at 1e-3 and above some seeds sit at chance past 1000 steps (README, the judge)
     max_size: int = 64           # slices are average-pooled to at most this side: a code cell stays >= 1 px
 
 

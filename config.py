@@ -140,6 +140,9 @@ class PixelCNNConfig:
         return {"temperature": self.temperature, "top_k": self.top_k}
 
 
+MASKGIT_ORDERS = ("confidence", "random")  # which drawn tokens a decoding step keeps (MaskGITPrior.sample)
+
+
 @dataclass
 class MaskGITConfig:
     hidden: int = 128            # transformer width
@@ -162,11 +165,13 @@ class MaskGITConfig:
                                  # (`predict.py tune`, README): top-k or a lower temperature scored worse
     choice_temperature: float = 4.5  # noise on the confidence that picks which tokens stay fixed
     top_k: int = 0
+    order: str = "confidence"    # which drawn tokens a step keeps: the likeliest ("confidence"), or "random"
+                                 # (from the unsmoothed conditionals; needs more steps: priors.MaskGITPrior.sample)
 
     def sampling(self) -> dict:
         """Keyword arguments of the prior's `sample`."""
         return {"steps": self.steps, "temperature": self.temperature, "choice_temperature": self.choice_temperature,
-                "top_k": self.top_k}
+                "top_k": self.top_k, "order": self.order}
 
 
 @dataclass

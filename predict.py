@@ -5,7 +5,7 @@
     python predict.py generate    --run RUN --n 16 --out OUT [--seed S] [--prior NAME]
     python predict.py figures     --run RUN
     python predict.py tune        --run RUN [--prior NAME] [--top-k 0 4 16] [--temperature 1.0 0.9] [--steps 8 12]
-                                  [--choice-temperature 4.5 20]
+                                  [--choice-temperature 4.5 20] [--order confidence random]
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import torch
 
 import figures
 import metrics
-from config import PRIORS, Config
+from config import MASKGIT_ORDERS, PRIORS, Config
 from dataset import DataError, ensure_builtin, load_folder, load_split, load_splits
 from evaluate import (decode_indices, evaluate_vqvae, load_prior, load_vqvae, nearest_training, reconstruct,
                       reconstruction_example, sample_codes, sample_priors, trained_priors, tune_sampling)
@@ -114,14 +114,16 @@ def cmd_tune(args, device) -> None:
     name = args.prior or cfg.prior
     prior, _ = load_prior(run, name, vqvae, device)
     grid = {"top_k": args.top_k, "temperature": args.temperature}
-    grid.update({k: v for k, v in (("steps", args.steps), ("choice_temperature", args.choice_temperature)) if v})
+    grid.update({k: v for k, v in (("steps", args.steps), ("choice_temperature", args.choice_temperature),
+                                   ("order", args.order)) if v})
     missing = set(grid) - set(getattr(cfg, name).sampling())
     if missing:
         raise RunError(f"the {name} prior has no sampling setting {', '.join(sorted(missing))} to tune")
     rows = tune_sampling(prior, name, vqvae, cfg, load_splits(data_dir(cfg), cfg.model.image_size), grid, device)
     print("  ".join(f"{k:>11}" for k in grid) + "  judge vs validation reconstructions  MS-SSIM (validation)")
     for r in rows:
-        print("  ".join(f"{r[k]:11g}" for k in grid) + f"  {r['c2st_recon_val']:35.3f}  {r['ms_ssim']:.3f} "
+        cells = (f"{r[k]:>11}" if isinstance(r[k], str) else f"{r[k]:11g}" for k in grid)  # order is a word
+        print("  ".join(cells) + f"  {r['c2st_recon_val']:35.3f}  {r['ms_ssim']:.3f} "
               f"({r['ms_ssim_real']:.3f})")
     best = {k: rows[0][k] for k in grid}
     if args.dry_run:
@@ -184,6 +186,9 @@ def parse_args(argv=None):
     c.add_argument("--choice-temperature", type=positive_float, nargs="+",
                    help="MaskGIT: noise on the confidence that picks which drawn codes stay at each step; higher "
                         "is closer to a random order (default: the run's, not tuned)")
+    c.add_argument("--order", choices=MASKGIT_ORDERS, nargs="+",
+                   help="MaskGIT: which drawn codes a step keeps, the likeliest ('confidence') or a random subset "
+                        "drawn from the unsmoothed conditionals ('random'; wants more steps) (default: the run's)")
     c.add_argument("--dry-run", action="store_true", help="print the table and change nothing")
     return p.parse_args(argv)
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import MaskGITConfig, ModelConfig
+from config import MASKGIT_ORDERS, MaskGITConfig, ModelConfig
 
 
 def cosine_mask_ratio(r: torch.Tensor) -> torch.Tensor:
@@ -150,13 +150,26 @@ class MaskGITPrior(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, steps: int | None = None,
                temperature: float | None = None, choice_temperature: float | None = None, top_k: int | None = None,
-               device=None, chunk: int = 16) -> torch.Tensor:
-        """n maps by MaskGIT iterative decoding; all randomness from `generator` (CPU), so a seed fixes the maps."""
+               order: str | None = None, device=None, chunk: int = 16) -> torch.Tensor:
+        """n maps by iterative decoding; all randomness from `generator` (CPU), so a seed fixes the maps.
+
+        Each step draws every masked token and keeps as many as the cosine schedule says. `order` picks which:
+        "confidence" (the MaskGIT paper's) keeps the likeliest draws, with Gumbel noise of `choice_temperature`
+        on their log-probabilities; "random" keeps a uniformly random subset, and draws each code from the
+        model's estimate of the data's conditional, its output with label smoothing's floor removed
+        (`unsmoothed`). With enough steps that few tokens are drawn together, random order approaches exact
+        sampling from the model's joint, where confidence order is greedy: it would keep the likely codes
+        first, so with the floor removed it flattens textures, and with the floor kept its last steps keep
+        the floor's stray codes."""
         c = self.cfg
         steps = steps or c.steps
         temperature = c.temperature if temperature is None else temperature
         choice_temperature = c.choice_temperature if choice_temperature is None else choice_temperature
         top_k = c.top_k if top_k is None else top_k
+        order = order or c.order
+        if order not in MASKGIT_ORDERS:
+            raise ValueError(f"unknown MaskGIT sampling order {order!r}; choose one of {', '.join(MASKGIT_ORDERS)}")
+        floor = self.cfg.label_smoothing if order == "random" else 0.0
         device = torch.device(device) if device is not None else self.pos.device
         was_training = self.training
         self.eval()
@@ -171,7 +184,7 @@ class MaskGITPrior(nn.Module):
                 for a in range(0, n, chunk):  # bounded memory at the paper grid; the head runs on masked tokens only
                     b = slice(a, a + chunk)
                     m = mask[b]
-                    d, logp = self.draw_tokens(self.trunk(tok[b], m)[m], u[b][m], temperature, top_k)
+                    d, logp = self.draw_tokens(self.trunk(tok[b], m)[m], u[b][m], temperature, top_k, floor)
                     draw[b] = draw[b].masked_scatter(m[..., None].expand(-1, -1, pp), d)
                     conf[b] = conf[b].masked_scatter(m, logp)
                 tok = torch.where(mask[..., None], draw, tok)
@@ -180,29 +193,43 @@ class MaskGITPrior(nn.Module):
                     mask = torch.zeros_like(mask)
                     break
                 g = torch.rand(n, t, generator=generator).clamp_(1e-20, 1).to(device)
-                noisy = conf - choice_temperature * (1 - (s + 1) / steps) * torch.log(-torch.log(g))
-                order = noisy.argsort(1)
-                mask = torch.zeros_like(mask).scatter_(1, order[:, :n_next], True)
+                if order == "random":  # fixed tokens (conf inf) last, the masked ones in a random order
+                    noisy = torch.where(torch.isinf(conf), conf, g)
+                else:
+                    noisy = conf - choice_temperature * (1 - (s + 1) / steps) * torch.log(-torch.log(g))
+                mask = torch.zeros_like(mask).scatter_(1, noisy.argsort(1)[:, :n_next], True)
             return self.to_map(tok)
         finally:
             self.train(was_training)
 
-    def draw_tokens(self, x: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int):
+    def draw_tokens(self, x: torch.Tensor, u: torch.Tensor, temperature: float, top_k: int, floor: float = 0.0):
         """Codes M x pp for M token features x (M x d), inverse-CDF draws from uniforms u (M x pp), and each
         token's log-probability (M). A sequential head draws a token's codes in order, each seeing those before;
-        the independent head draws them all at once."""
+        the independent head draws them all at once. floor > 0: draw from `unsmoothed(logits, floor)`."""
         m, pp = x.shape[0], self.patch ** 2
         if self.context is None:
-            d, logp = draw(self.logits(x, None).float().view(m * pp, -1) / temperature, u.reshape(-1), top_k)
+            logits = unsmoothed(self.logits(x, None).float().view(m * pp, -1), floor)
+            d, logp = draw(logits / temperature, u.reshape(-1), top_k)
             return d.view(m, pp), logp.view(m, pp).sum(1)
         codes, total, ctx = [], 0.0, torch.zeros_like(x)
         for j in range(pp):
             h = x + ctx
-            d, logp = draw(self.read(h + self.mix(h), j).float() / temperature, u[:, j], top_k)
+            d, logp = draw(unsmoothed(self.read(h + self.mix(h), j).float(), floor) / temperature, u[:, j], top_k)
             codes.append(d)
             total = total + logp
             ctx = ctx + self.context(d + self.offsets[j]).to(x.dtype)
         return torch.stack(codes, 1), total
+
+
+def unsmoothed(logits: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Log-probabilities of the distribution p that a model trained with label smoothing `smoothing` estimates,
+    from its logits (... x K): cross-entropy against (1 - s) one-hot + s / K is minimised by predicting
+    q = (1 - s) p + s / K, so p is q less the floor s / K, renormalised. A code the model gives no more than
+    the floor gets probability 0: it is the smoothing's, not the data's. smoothing 0: the logits unchanged."""
+    if smoothing <= 0:
+        return logits
+    q = logits.softmax(-1) - smoothing / logits.shape[-1]
+    return q.clamp_min(0).log()  # the likeliest code always keeps q > 0 (its q >= 1 / K > s / K)
 
 
 def draw(logits: torch.Tensor, u: torch.Tensor, top_k: int):
@@ -213,5 +240,5 @@ def draw(logits: torch.Tensor, u: torch.Tensor, top_k: int):
         logits = logits.masked_fill(logits < kth, float("-inf"))
     logp = logits.log_softmax(-1)
     cdf = logp.exp().cumsum(-1)
-    d = (cdf < u[:, None] * cdf[:, -1:]).sum(-1).clamp_(max=k - 1)
+    d = (cdf <= u[:, None] * cdf[:, -1:]).sum(-1).clamp_(max=k - 1)  # <=: a code of probability 0 is never drawn
     return d, logp.gather(-1, d[:, None])[:, 0]

@@ -8,6 +8,7 @@ from test_pixelcnn import tiny_data
 import config
 import train
 from modules import VQVAE, build_prior
+from priors import unsmoothed
 from train import train_prior
 
 
@@ -76,9 +77,33 @@ def test_loss_falls_on_a_tiny_grid(cfg):
     assert losses[-1] < 0.4 * losses[0]
 
 
-def test_sampling_is_deterministic_for_a_seed(cfg):
+def test_unsmoothed_recovers_the_distribution_label_smoothing_hid():
+    p = torch.tensor([[0.5, 0.3, 0.2, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0, 0.0]])
+    smoothed = 0.9 * p + 0.1 / 5  # what cross-entropy with label smoothing 0.1 teaches a model to predict
+    out = unsmoothed(smoothed.log() + 3.0, 0.1).exp()  # logits: any shift
+    assert torch.allclose(out / out.sum(-1, keepdim=True), p, atol=1e-6)
+    assert torch.equal(unsmoothed(smoothed.log(), 0.0), smoothed.log())
+
+
+def test_random_order_draws_no_code_that_only_the_smoothing_floor_gave(cfg):
+    # Every position's output: 0.9 on code 3 and the label-smoothing floor 0.1 / K on each code.
+    prior = build_prior("maskgit", cfg).eval()
+    k, pp = cfg.model.num_codes, prior.patch ** 2
+    smoothed = torch.full((k,), cfg.maskgit.label_smoothing / k)
+    smoothed[3] += 1 - cfg.maskgit.label_smoothing
+    torch.nn.init.zeros_(prior.head.weight)
+    with torch.no_grad():
+        prior.head.bias.copy_(smoothed.log().repeat(pp))
+    draws = {order: prior.sample(3, torch.Generator().manual_seed(0), order=order)
+             for order in ("random", "confidence")}
+    assert (draws["random"] == 3).all()
+    assert (draws["confidence"] != 3).any()  # the floor's codes are drawn where it is kept
+
+
+@pytest.mark.parametrize("order", ["confidence", "random"])
+def test_sampling_is_deterministic_for_a_seed(cfg, order):
     prior = build_prior("maskgit", cfg)
-    settings = cfg.maskgit.sampling()
+    settings = {**cfg.maskgit.sampling(), "order": order}
     a = prior.sample(3, torch.Generator().manual_seed(1), **settings)
     b = prior.sample(3, torch.Generator().manual_seed(1), **settings)
     c = prior.sample(3, torch.Generator().manual_seed(2), **settings)

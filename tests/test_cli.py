@@ -207,6 +207,20 @@ def test_tune_chooses_on_validation_and_keeps_the_choice(run, tmp_path, capsys):
     assert "no sampling setting steps" in one_error_line(capsys, [*argv, "--steps", "4"])  # MaskGIT's only
 
 
+def test_tune_compares_maskgit_sampling_orders_and_keeps_the_chosen_one(run, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(run[0], run_dir)
+    argv = ["tune", "--run", str(run_dir), "--prior", "maskgit", "--top-k", "0", "--order", "confidence", "random",
+            "--device", "cpu"]
+    assert predict.main(argv) == 0
+    out = capsys.readouterr().out
+    table = out.split("kept")[0]
+    assert "random" in table and "confidence" in table  # one row per order
+    chosen = out.split("'order': '")[1].split("'")[0]
+    assert json.loads((run_dir / "config.json").read_text())["maskgit"]["order"] == chosen
+    assert evaluate.load_prior(run_dir, "maskgit", evaluate.load_vqvae(run_dir)[0])[1].maskgit.order == chosen
+
+
 def test_compare_trains_each_variant_on_the_frozen_vqvae(run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(run[0], run_dir)

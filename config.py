@@ -69,7 +69,8 @@ class GANConfig:
     gp_weight: float = 10.0      # WGAN-GP weight (0: off)
     n_critic: int = 5            # critic steps per generator step
     augment: str = ""            # DiffAugment of every map the critic sees: "translation", "cutout", both, or ""
-    ema: float = 0.0             # moving average of the generator's weights, used for sampling (0: the latest)
+    ema: float = 0.995           # moving average of the generator's weights, used for sampling (0: the latest);
+                                 # lower FD on both data sets, the judge no worse (README, the GAN)
     noise_dim: int = 128
     g_width: int = 64            # generator channels at its first 4x4 map (halved per upsampling, floor 32)
     d_width: int = 32            # critic channels at its first layer (doubled per downsampling)
@@ -107,7 +108,7 @@ GAN_RECIPES = {
     # GANConfig's defaults, read from the dataclass so that the two cannot drift apart.
     DEFAULT_GAN_RECIPE: {k: getattr(GANConfig(), k) for k in RECIPE_FIELDS},
     # The same on the quantized maps, the critic seeing the code of each position's argmax.
-    "wgan-gp": {k: getattr(GANConfig(), k) for k in RECIPE_FIELDS} | dict(head="logits", target="codes"),
+    "wgan-gp": {k: getattr(GANConfig(), k) for k in RECIPE_FIELDS} | dict(head="logits", target="codes", ema=0.0),
     # Mescheder et al. 2018 (R1), Zhao et al. 2020 (DiffAugment), Karras et al. (minibatch std, EMA generator).
     "hinge-r1": dict(loss="hinge", head="logits", target="codes", critic_norm="none", minibatch_std=True,
                      r1_gamma=10.0, r1_every=4, gp_weight=0.0, n_critic=1, augment="translation,cutout", ema=0.995,

@@ -60,8 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--gan-recipe", choices=tuple(GAN_RECIPES),
                    help="GAN objective, what its critic sees and its regularisation: wgan-gp-latent (Wasserstein "
                         "loss, gradient penalty, 5 critic steps per generator step, on the encoder's continuous "
-                        "outputs; the generator's map is snapped to codes only to decode), wgan-gp (the same on "
-                        "the code maps), hinge-r1 (hinge loss, R1 penalty, DiffAugment, minibatch-std critic, EMA "
+                        "outputs; the generator's map is snapped to codes only to decode; samples from a moving "
+                        "average of the generator), wgan-gp (the same on the code maps, latest generator), "
+                        "hinge-r1 (hinge loss, R1 penalty, DiffAugment, minibatch-std critic, EMA "
                         "generator, on the code maps), report (the original BCE GAN, which collapses) "
                         f"(default: {DEFAULT_GAN_RECIPE})")
     p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "

@@ -108,14 +108,9 @@ class MaskGITPrior(nn.Module):
             x = b(x)
         return self.ln(x)
 
-    def forward(self, tok: torch.Tensor, mask: torch.Tensor, masked_only: bool = False) -> torch.Tensor:
-        """-> N x T x pp x K logits (a sequential head reads each token's own earlier codes from `tok`), or with
-        `masked_only` M x pp x K for the M masked tokens alone: the loss needs no others, and the head then runs
-        on about two thirds of the tokens (the mean masked fraction of the cosine schedule is 2 / pi)."""
-        x = self.trunk(tok, mask)
-        if masked_only:
-            x, tok = x[mask], tok[mask]
-        return self.logits(x, tok)
+    def forward(self, tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """-> N x T x pp x K logits (a sequential head reads each token's own earlier codes from `tok`)."""
+        return self.logits(self.trunk(tok, mask), tok)
 
     def logits(self, x: torch.Tensor, tok: torch.Tensor) -> torch.Tensor:
         """x: ... x d token features, tok: ... x pp their codes -> ... x pp x K."""
@@ -144,14 +139,13 @@ class MaskGITPrior(nn.Module):
         return tok, rank < n_mask[:, None]
 
     def masked_loss(self, logits: torch.Tensor, tok: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy on the masked codes only (the visible ones are given, not predicted), from the masked
-        tokens' logits M x pp x K (`forward(..., masked_only=True)`)."""
-        return F.cross_entropy(logits.float().reshape(-1, self.num_codes), tok[mask].reshape(-1),
+        """Cross-entropy on the masked codes only: the visible ones are given, not predicted."""
+        return F.cross_entropy(logits[mask].float().reshape(-1, self.num_codes), tok[mask].reshape(-1),
                                label_smoothing=self.cfg.label_smoothing)
 
     def loss(self, idx: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         tok, mask = self.random_masks(idx, generator)
-        return self.masked_loss(self(tok, mask, masked_only=True), tok, mask)
+        return self.masked_loss(self(tok, mask), tok, mask)
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None, steps: int | None = None,

@@ -538,7 +538,7 @@ class MaskGITStage(PriorStage):
     def step(self, target):
         tok, mask = self.prior.random_masks(target)
         with autocast(self.device, self.bf16):  # the run's precision, as every other stage; the loss is float32
-            logits = self.nets["prior"](tok, mask, masked_only=True)  # through DDP's forward
+            logits = self.nets["prior"](tok, mask)  # through DDP's forward
         loss = self.prior.masked_loss(logits, tok, mask)
         opt = self.optimizers["adamw"]
         opt.zero_grad(set_to_none=True)
@@ -557,7 +557,7 @@ class MaskGITStage(PriorStage):
         for idx in self.val_idx[:256].long().split(self.batch_size):
             tok, mask = self.prior.random_masks(idx, g)
             n = float(mask.sum()) * tok.shape[-1]
-            total += float(self.prior.masked_loss(self.prior(tok, mask, masked_only=True), tok, mask)) * n
+            total += float(self.prior.masked_loss(self.prior(tok, mask), tok, mask)) * n
             count += n
         self.prior.train()
         return {"val_masked_loss": total / count}

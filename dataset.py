@@ -317,12 +317,23 @@ def batches(images_u8: torch.Tensor, batch_size: int):
 # ---------------------------------------------------------------- built-in data
 
 def ensure_builtin(out_dir=BUILTIN_DIR, size: int = 256) -> Path:
-    """The built-in synthetic set, generated on first use (deterministic, a few seconds)."""
+    """The built-in synthetic set, generated on first use (deterministic, a few seconds).
+
+    Two runs started together may both generate it; the set is the same whichever finishes first, so the
+    second one's failure to rename its copy into place is no error once every split is there."""
     out_dir = Path(out_dir)
-    if not (out_dir / split_folder_name("train")).is_dir():
+    if not builtin_complete(out_dir):
         from synthetic import write_synthetic_dataset
-        write_synthetic_dataset(out_dir, size=size)
+        try:
+            write_synthetic_dataset(out_dir, size=size)
+        except OSError:  # FileExistsError, or a rename onto a split folder the other run has just filled
+            if not builtin_complete(out_dir):
+                raise
     return out_dir
+
+
+def builtin_complete(out_dir: Path) -> bool:
+    return all((out_dir / split_folder_name(s)).is_dir() for s in SPLITS)
 
 
 # ---------------------------------------------------------------- CLI

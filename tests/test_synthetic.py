@@ -134,3 +134,24 @@ def test_side_by_side_figure(small_set, tmp_path):
     png = tmp_path / "fig.png"
     synthetic.side_by_side_figure(out, out / "keras_png_slices_train", png, n=3)
     assert Image.open(png).size[0] > 200
+
+
+def test_ensure_builtin_accepts_the_set_another_run_wrote_first(tmp_path, monkeypatch):
+    """Two runs started together both generate the set; the one that loses the race to rename its copy into
+    place uses the winner's (the same deterministic set) instead of failing. A failure with no set is raised."""
+    import dataset
+
+    def other_run_won(out_dir, size):
+        for split in dataset.SPLITS:
+            (Path(out_dir) / dataset.split_folder_name(split)).mkdir(parents=True)
+        raise OSError(39, "Directory not empty")
+
+    monkeypatch.setattr(synthetic, "write_synthetic_dataset", other_run_won)
+    assert dataset.ensure_builtin(tmp_path / "a") == tmp_path / "a"
+
+    def disk_full(out_dir, size):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "write_synthetic_dataset", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        dataset.ensure_builtin(tmp_path / "b")

@@ -24,11 +24,13 @@ def evenly(images: torch.Tensor, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_split(vqvae, images_u8, batch_size: int, device, bf16: bool = False) -> torch.Tensor:
-    """Code-index maps of a whole split, N x h x w on `device`: int16 while K allows, to keep them small."""
+def encode_split(vqvae, images_u8, batch_size: int, device, bf16: bool = False, mirror: bool = False) -> torch.Tensor:
+    """Code-index maps of a whole split, N x h x w on `device`: int16 while K allows, to keep them small.
+    mirror: the maps of the slices' left-right mirror images instead (each batch flipped, not the split)."""
     dtype = torch.int16 if vqvae.cfg.num_codes <= torch.iinfo(torch.int16).max else torch.int32
     out = []
     for x in batches(images_u8, batch_size):
+        x = x.flip(-1) if mirror else x
         with autocast(device, bf16):
             out.append(vqvae.encode_indices(x.to(device, non_blocking=True)).to(dtype))
     return torch.cat(out)

@@ -361,15 +361,22 @@ class PriorStage(Stage):
         self.vqvae = frozen(vqvae.to(device))
         self.prior = build_prior(self.name, cfg).to(device)
         self.train_idx = encode_split(self.vqvae, data["train"].images, 256, device, bf16)
+        if self.part.mirror:  # a slice's mirror image is a plausible slice: twice the maps of a small training set
+            self.train_idx = torch.cat([self.train_idx, encode_split(self.vqvae, data["train"].images, 256, device,
+                                                                     bf16, mirror=True)])
         self.val_idx = encode_split(self.vqvae, data["validate"].images, 256, device, bf16)
         self.n_items = len(self.train_idx)
 
     def state(self):
-        return {"vqvae": fingerprint(self.vqvae)}
+        return {"vqvae": fingerprint(self.vqvae), "mirror": self.part.mirror}
 
     def resumable(self, ckpt, path):
         if ckpt["state"].get("vqvae") != fingerprint(self.vqvae):
             print(f"{path.name} was trained on another VQ-VAE (it changed since): training this prior again")
+            return False
+        if ckpt["state"].get("mirror", False) != self.part.mirror:
+            print(f"{path.name} was trained {'with' if ckpt['state'].get('mirror') else 'without'} mirrored maps: "
+                  f"training this prior again")
             return False
         return True
 
@@ -428,8 +435,11 @@ class GANStage(PriorStage):
 
     def batch(self, idx):
         if self.part.target == "encoder":  # encoded per batch: a whole split's continuous maps can be gigabytes
+            n = len(self.train_u8)  # with mirror, items n..2n-1 are the mirror images of 0..n-1
+            x = training_batch(self.train_u8, idx % n)
+            x = torch.where((idx >= n).view(-1, 1, 1, 1), x.flip(-1), x)
             with torch.no_grad(), autocast(self.device, self.bf16):
-                return self.vqvae.encoder(training_batch(self.train_u8, idx)).float() * self.scale
+                return self.vqvae.encoder(x).float() * self.scale
         return self.vqvae.quantizer.lookup(self.train_idx[idx].long()).float() * self.scale
 
     def critic_input(self, maps: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,7 @@ import gan
 from config import DEFAULT_GAN_RECIPE, GAN_RECIPES, RECIPE_FIELDS, GANConfig, gan_recipe, preset
 from evaluate import sample_codes
 from modules import VQVAE, CodeGenerator, Discriminator, MinibatchStd
+import train
 from train import train_prior, train_vqvae
 
 
@@ -80,6 +81,21 @@ def test_gan_resume_matches_an_uninterrupted_run(trained, tmp_path, recipe):
     assert [v["epoch"] for v in history["val"]] == [1, 2]
     for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_mirror_shows_the_critic_the_encoder_outputs_of_mirrored_slices(trained):
+    vqvae, data = trained
+    cfg = tiny()
+    cfg.gan = dataclasses.replace(cfg.gan, mirror=True)  # the default recipe: the critic sees encoder outputs
+    stage = train.GANStage(cfg, vqvae, data, torch.device("cpu"), False)
+    n = len(data["train"].images)
+    assert stage.n_items == 2 * n
+    idx = torch.tensor([0, n + 0, 5, n + 5])
+    images = data["train"].images[[0, 0, 5, 5]].float() / 255
+    images[1::2] = images[1::2].flip(-1)
+    with torch.no_grad():
+        expected = vqvae.encoder(images) * stage.scale
+    torch.testing.assert_close(stage.batch(idx), expected)
 
 
 def test_discriminator_and_generator_sizes_follow_any_grid():

@@ -110,13 +110,14 @@ def test_sampling_is_deterministic_for_a_seed(cfg, order):
     assert a.shape == (3, 8, 8) and torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(cfg, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mirror", [False, True])
+def test_an_interrupted_run_resumes_to_the_same_weights(cfg, tmp_path, monkeypatch, mirror):
     # Interrupted after its second epoch's checkpoint, not trained for two epochs: the cosine schedule
     # depends on the number of epochs, so a shorter run would be another run.
     torch.manual_seed(0)
     vqvae = VQVAE(cfg.model)
     data = tiny_data(24)
-    cfg = dataclasses.replace(cfg, maskgit=dataclasses.replace(cfg.maskgit, epochs=3))
+    cfg = dataclasses.replace(cfg, maskgit=dataclasses.replace(cfg.maskgit, epochs=3, mirror=mirror))
     straight, _ = train_prior("maskgit", cfg, vqvae, data, tmp_path / "straight", device="cpu")
     end_epoch = train.end_epoch
 
@@ -133,3 +134,27 @@ def test_an_interrupted_run_resumes_to_the_same_weights(cfg, tmp_path, monkeypat
     assert [v["epoch"] for v in history["val"]] == [1, 2, 3] and "val_masked_loss" in history["val"][0]
     for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_mirror_adds_the_code_maps_of_the_mirrored_training_slices(cfg):
+    torch.manual_seed(0)
+    vqvae = VQVAE(cfg.model).eval()
+    data = tiny_data(24)
+    images = data["train"].images
+    cfg = dataclasses.replace(cfg, maskgit=dataclasses.replace(cfg.maskgit, mirror=True))
+    stage = train.MaskGITStage(cfg, vqvae, data, torch.device("cpu"), False)
+    with torch.no_grad():
+        plain = vqvae.encode_indices(images.float() / 255)
+        mirrored = vqvae.encode_indices(images.flip(-1).float() / 255)
+    assert stage.n_items == 48 and not torch.equal(plain, mirrored)
+    assert torch.equal(stage.train_idx.long(), torch.cat([plain, mirrored]))
+
+
+def test_a_checkpoint_trained_without_mirror_is_trained_again_with_it(cfg, tmp_path):
+    torch.manual_seed(0)
+    vqvae = VQVAE(cfg.model).eval()
+    data = tiny_data(24)
+    train_prior("maskgit", cfg, vqvae, data, tmp_path, device="cpu")
+    cfg = dataclasses.replace(cfg, maskgit=dataclasses.replace(cfg.maskgit, mirror=True))
+    _, history = train_prior("maskgit", cfg, vqvae, data, tmp_path, device="cpu", resume=True)
+    assert [v["epoch"] for v in history["val"]] == [1, 2]  # trained again, not skipped as finished

@@ -75,7 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="MaskGIT epochs (default: from the preset; paper 8, quick 12)")
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction,
                    help="the priors also learn the code maps of the training slices' left-right mirror images, "
-                        "twice the maps per epoch (default: from the preset; quick: MaskGIT only, paper: none)")
+                        "twice the maps per epoch (default: off in every preset)")
     p.add_argument("--samples", type=at_least(2), help="slices to generate for the generation metrics "
                                                         "(default: from the preset; paper 512, quick 256)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (default: auto = CUDA, or a CPU "

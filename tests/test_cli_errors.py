@@ -145,9 +145,9 @@ def test_learning_rate_flags_reach_the_config():
     assert (cfg.train.lr, cfg.gan.lr, cfg.pixelcnn.lr) == (1e-4, 2e-5, 3e-4)
 
 
-def test_mirror_flag_reaches_every_prior_and_the_preset_decides_without_it():
+def test_mirror_flag_reaches_every_prior_and_is_off_without_it():
     quick = driver.build_config(driver.parse_args(["--preset", "quick"]), None)
-    assert (quick.gan.mirror, quick.pixelcnn.mirror, quick.maskgit.mirror) == (False, False, True)
+    assert (quick.gan.mirror, quick.pixelcnn.mirror, quick.maskgit.mirror) == (False, False, False)
     for flag, value in (("--mirror", True), ("--no-mirror", False)):
         cfg = driver.build_config(driver.parse_args(["--preset", "quick", flag]), None)
         assert (cfg.gan.mirror, cfg.pixelcnn.mirror, cfg.maskgit.mirror) == (value,) * 3

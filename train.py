@@ -437,7 +437,8 @@ class GANStage(PriorStage):
         if self.part.target == "encoder":  # encoded per batch: a whole split's continuous maps can be gigabytes
             n = len(self.train_u8)  # with mirror, items n..2n-1 are the mirror images of 0..n-1
             x = training_batch(self.train_u8, idx % n)
-            x = torch.where((idx >= n).view(-1, 1, 1, 1), x.flip(-1), x)
+            if self.part.mirror:
+                x = torch.where((idx >= n).view(-1, 1, 1, 1), x.flip(-1), x)
             with torch.no_grad(), autocast(self.device, self.bf16):
                 return self.vqvae.encoder(x).float() * self.scale
         return self.vqvae.quantizer.lookup(self.train_idx[idx].long()).float() * self.scale

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import json
 import math
 import os
@@ -61,9 +62,19 @@ def init_distributed() -> torch.device | None:
     return torch.device("cpu")
 
 
-def close_distributed() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+def close_distributed(wait_s: float = 60.0) -> None:
+    """Leave the process group, after the other ranks have reached this point too: gloo aborts a process
+    ("terminate called without an active exception") when a peer tears its connections down while this rank's
+    last collective is still being wound up. A rank that does not arrive within `wait_s` (it failed alone) is
+    not waited for longer."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with contextlib.suppress(RuntimeError):
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(timeout=datetime.timedelta(seconds=wait_s))
+        else:
+            dist.barrier()
+    dist.destroy_process_group()
 
 
 def barrier() -> None:

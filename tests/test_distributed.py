@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from runs import close_distributed
 from synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,7 +28,7 @@ def _train_rank(rank: int, world: int, data_dir: str, out: str) -> None:
     cfg = preset("tiny")
     model, _ = train_vqvae(cfg, load_splits(data_dir, cfg.model.image_size), f"{out}/run", "cpu")
     torch.save({"codebook": model.quantizer.codebook, "decoder": model.decoder.state_dict()}, f"{out}/rank{rank}.pt")
-    dist.destroy_process_group()
+    close_distributed()
 
 
 def _flush_with_nan_on_rank_1(rank: int, world: int, out: str) -> None:
@@ -39,7 +40,7 @@ def _flush_with_nan_on_rank_1(rank: int, world: int, out: str) -> None:
         flush_losses(pending, ("loss",), 2, NullWriter(), "vqvae", Path(out) / "missing.pt")
     except TrainingDiverged as e:
         Path(f"{out}/rank{rank}.txt").write_text(str(e))
-    dist.destroy_process_group()
+    close_distributed()
 
 
 def test_nan_on_one_rank_stops_every_rank(tmp_path):
@@ -83,7 +84,7 @@ def _train_gan_rank(rank: int, world: int, data_dir: str, out: str) -> None:
     stage.critic.load_state_dict(torch.load(f"{out}/run/gan_last.pt", weights_only=True)["models"]["critic"])
     # Weights only: BatchNorm's running statistics are each rank's own (rank 0 alone samples and saves).
     torch.save({"prior": dict(prior.named_parameters()), "critic": stage.critic.state_dict()}, f"{out}/gan{rank}.pt")
-    dist.destroy_process_group()
+    close_distributed()
 
 
 def test_gan_with_penalty_trains_identically_on_both_ranks(data, tmp_path):

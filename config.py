@@ -100,7 +100,7 @@ class GANConfig:
 
 
 # Named GAN recipes (`driver.py --gan-recipe NAME`): each sets the objective, what the critic sees and the
-# regularisation, every field of RECIPE_FIELDS; sizes, epochs and batch stay the preset's. The README's table
+# regularisation, every field of RECIPE_FIELDS; sizes, epochs and batch stay the preset's. EXPERIMENTS.md's table
 # compares them on one frozen VQ-VAE per data set; "wgan-gp-latent" measured best by the judge and diversity.
 RECIPE_FIELDS = ("loss", "head", "target", "critic_norm", "minibatch_std", "r1_gamma", "r1_every", "gp_weight",
                  "n_critic", "augment", "ema", "lr", "beta1", "beta2")
@@ -161,7 +161,7 @@ class MaskGITConfig:
     conv_mlp: bool = True        # depthwise 3x3 conv on the token grid inside each MLP: neighbours matter most
     head: str = "independent"    # a token's p*p codes drawn each on its own, or "sequential": in order, each
                                  # seeing those before it (lower validation loss; over several trainings the
-                                 # judge better on built-in, worse on realbrain, neither at the bar: README)
+                                 # judge better on built-in, worse on realbrain, neither at the bar: EXPERIMENTS.md)
     epochs: int = 8
     batch_size: int = 16
     lr: float = 2e-3             # AdamW (0.9, 0.95), linear warm-up then cosine decay
@@ -295,8 +295,8 @@ def _quick() -> Config:
         train=TrainConfig(epochs=20, batch_size=32, lr=2e-3, lr_schedule="cosine"),
         gan=GANConfig(epochs=240),  # wgan-gp-latent still improving at 120 (realbrain FD 0.28 -> 0.14 at 240)
         # Twice the default rate: better on both data sets at the same cost. 2 heads of 64 and 12 epochs: chosen by
-        # the judge on the validation split over several trainings (README). Mirrored maps (`mirror`) lower the
-        # validation loss but did not hold up on test and cost twice the training: off (README, "Second session
+        # the judge on the validation split over several trainings (EXPERIMENTS.md). Mirrored maps (`mirror`) lower the
+        # validation loss but did not hold up on test and cost twice the training: off (EXPERIMENTS.md, "Second session
         # of 3 December 2026")
         maskgit=MaskGITConfig(lr=4e-3, heads=2, epochs=12),
         pixelcnn=PixelCNNConfig(hidden=64, layers=8, epochs=7, batch_size=32),

@@ -23,6 +23,12 @@ def evenly(images: torch.Tensor, n: int) -> torch.Tensor:
     return images[torch.linspace(0, len(images) - 1, min(n, len(images))).long()]
 
 
+# Slices per encoder pass when a whole split is encoded. The quantizer's fp32 distance matrix (positions x K)
+# grows with the batch: 256 slices at the paper preset's 64x64 grid and K=512 make a 2 GB matrix, 64 a quarter
+# of that, for the same indices and no loss of speed (bench in EXPERIMENTS.md).
+ENCODE_BATCH = 64
+
+
 @torch.no_grad()
 def encode_split(vqvae, images_u8, batch_size: int, device, bf16: bool = False, mirror: bool = False) -> torch.Tensor:
     """Code-index maps of a whole split, N x h x w on `device`: int16 while K allows, to keep them small.
@@ -159,7 +165,7 @@ def real_reference(vqvae, splits: dict[str, Split], judge, device, bf16: bool) -
     six people a side, validation-vs-test scored 0.17, far from its 0.5: README, the judge)."""
     real = {s: to_float(splits[s].images) for s in ("validate", "test")}
     real["train"] = splits["train"].images  # uint8: the nearest-slice search makes a chunk float at a time
-    real["test_idx"] = encode_split(vqvae, splits["test"].images, 64, device, bf16)
+    real["test_idx"] = encode_split(vqvae, splits["test"].images, ENCODE_BATCH, device, bf16)
     for s in ("validate", "test"):
         real[f"{s}_recon"] = reconstructions(vqvae, splits[s].images, device, bf16)
     draw = training_draw(splits["train"].images, len(splits["test"]))

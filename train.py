@@ -27,7 +27,7 @@ import gan
 import metrics
 from config import Config
 from dataset import Split, epoch_permutation, gather, to_float
-from evaluate import decode_indices, encode_split, evaluate_vqvae, evenly, fingerprint, sample_codes
+from evaluate import ENCODE_BATCH, decode_indices, encode_split, evaluate_vqvae, evenly, fingerprint, sample_codes
 from modules import VQVAE, Discriminator, build_prior
 from runs import (atomic_save, autocast, barrier, check_same_architecture, checkpoint, checkpoint_path, dist_info,
                   all_ranks_finite, keep_freed_host_memory, load_checkpoint, load_state, pick_device, seed_everything,
@@ -360,11 +360,11 @@ class PriorStage(Stage):
         self.epochs, self.batch_size = self.part.epochs, self.part.batch_size
         self.vqvae = frozen(vqvae.to(device))
         self.prior = build_prior(self.name, cfg).to(device)
-        self.train_idx = encode_split(self.vqvae, data["train"].images, 256, device, bf16)
+        self.train_idx = encode_split(self.vqvae, data["train"].images, ENCODE_BATCH, device, bf16)
         if self.part.mirror:  # a slice's mirror image is a plausible slice: twice the maps of a small training set
-            self.train_idx = torch.cat([self.train_idx, encode_split(self.vqvae, data["train"].images, 256, device,
-                                                                     bf16, mirror=True)])
-        self.val_idx = encode_split(self.vqvae, data["validate"].images, 256, device, bf16)
+            mirrored = encode_split(self.vqvae, data["train"].images, ENCODE_BATCH, device, bf16, mirror=True)
+            self.train_idx = torch.cat([self.train_idx, mirrored])
+        self.val_idx = encode_split(self.vqvae, data["validate"].images, ENCODE_BATCH, device, bf16)
         self.n_items = len(self.train_idx)
 
     def state(self):

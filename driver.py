@@ -73,9 +73,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pixelcnn-lr", type=positive_float, help="PixelCNN learning rate (default: from the preset; 1e-3)")
     p.add_argument("--maskgit-epochs", type=at_least(1),
                    help="MaskGIT epochs (default: from the preset; paper 8, quick 12)")
+    p.add_argument("--maskgit-head", choices=("independent", "sequential"),
+                   help="how MaskGIT draws the codes of one token: each on its own given the rest, or one after "
+                        "another, each seeing those before (default: from the preset; paper independent, quick "
+                        "sequential)")
     p.add_argument("--mirror", action=argparse.BooleanOptionalAction,
                    help="the priors also learn the code maps of the training slices' left-right mirror images, "
-                        "twice the maps per epoch (default: off in every preset)")
+                        "twice the maps per epoch (default: from the preset; on for the quick preset's MaskGIT, "
+                        "off otherwise)")
     p.add_argument("--samples", type=at_least(2), help="slices to generate for the generation metrics "
                                                         "(default: from the preset; paper 512, quick 256)")
     p.add_argument("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (default: auto = CUDA, or a CPU "
@@ -113,7 +118,7 @@ def build_config(args, device: torch.device) -> Config:
     except ValueError as e:
         raise RunError(str(e)) from None
     cfg.pixelcnn = override(cfg.pixelcnn, epochs=args.pixelcnn_epochs, lr=args.pixelcnn_lr, mirror=args.mirror)
-    cfg.maskgit = override(cfg.maskgit, epochs=args.maskgit_epochs, mirror=args.mirror)
+    cfg.maskgit = override(cfg.maskgit, epochs=args.maskgit_epochs, head=args.maskgit_head, mirror=args.mirror)
     if args.prior in PRIORS:
         cfg.prior = args.prior
     if args.samples:

@@ -145,12 +145,18 @@ def test_learning_rate_flags_reach_the_config():
     assert (cfg.train.lr, cfg.gan.lr, cfg.pixelcnn.lr) == (1e-4, 2e-5, 3e-4)
 
 
-def test_mirror_flag_reaches_every_prior_and_is_off_without_it():
+def test_mirror_flag_reaches_every_prior_and_is_the_presets_without_it():
     quick = driver.build_config(driver.parse_args(["--preset", "quick"]), None)
-    assert (quick.gan.mirror, quick.pixelcnn.mirror, quick.maskgit.mirror) == (False, False, False)
+    assert (quick.gan.mirror, quick.pixelcnn.mirror, quick.maskgit.mirror) == (False, False, True)
     for flag, value in (("--mirror", True), ("--no-mirror", False)):
         cfg = driver.build_config(driver.parse_args(["--preset", "quick", flag]), None)
         assert (cfg.gan.mirror, cfg.pixelcnn.mirror, cfg.maskgit.mirror) == (value,) * 3
+
+
+def test_maskgit_head_flag_reaches_the_config():
+    quick = driver.build_config(driver.parse_args(["--preset", "quick"]), None)
+    cfg = driver.build_config(driver.parse_args(["--preset", "quick", "--maskgit-head", "independent"]), None)
+    assert (quick.maskgit.head, cfg.maskgit.head) == ("sequential", "independent")
 
 
 @pytest.mark.parametrize("device", ["tpu", "mps", "meta"])

@@ -158,11 +158,15 @@ def save_zoom(images: torch.Tensor, path, title: str = "") -> Path:
         return _save(fig, path)
 
 
-def save_pipeline(image, indices, recon, sample_indices, sample, num_codes: int, path, title: str = "") -> Path:
+PRIOR_NAMES = {"gan": "DCGAN", "pixelcnn": "PixelCNN", "maskgit": "MaskGIT"}
+
+
+def save_pipeline(image, indices, recon, sample_indices, sample, num_codes: int, path, title: str = "", *,
+                  prior: str) -> Path:
     """The pipeline on real tensors: slice -> codes -> reconstruction, and prior -> codes -> new slice."""
     panels = [[(image[0], "slice"), (index_map_rgb(indices, num_codes), "encoder + quantizer:\ncode indices"),
                (recon[0], "decoder:\nreconstruction")],
-              [(None, "prior\n(GAN or PixelCNN)"), (index_map_rgb(sample_indices, num_codes), "sampled\ncode indices"),
+              [(None, f"prior\n({prior})"), (index_map_rgb(sample_indices, num_codes), "sampled\ncode indices"),
                (sample[0], "decoder:\nnew slice")]]
     with plt.rc_context(DARK):
         fig, axes = plt.subplots(2, 3, figsize=(9, 6.4), dpi=100)
@@ -204,7 +208,8 @@ def save_run_figures(out, cfg, histories: dict, example, samples: dict, nearest:
         images, sample_idx = samples[name]
         data = Path(cfg.data_dir).name if cfg.data_dir else "built-in data"
         made.append(save_pipeline(x[mid], idx[mid], rec[mid], sample_idx[0], images[0], cfg.model.num_codes,
-                                  out / "pipeline.png", f"{cfg.preset} preset, {data}, {name} prior"))
+                                  out / "pipeline.png", f"{cfg.preset} preset, {data}, {name} prior",
+                                  prior=PRIOR_NAMES[name]))
         made.append(save_which_are_real(x, images[:len(x)], out / "which_are_real.png",
                                         f"which are real? test slices and {name} samples, mixed", cfg.seed))
     for name, (images, _) in samples.items():

@@ -207,6 +207,12 @@ def test_tune_chooses_on_validation_and_keeps_the_choice(run, tmp_path, capsys):
     assert "no sampling setting steps" in one_error_line(capsys, [*argv, "--steps", "4"])  # MaskGIT's only
 
 
+def test_tune_ranks_first_the_best_judge_whose_diversity_is_within_the_band_either_way():
+    row = lambda name, judge, ms_ssim: {"name": name, "c2st_recon_val": judge, "ms_ssim": ms_ssim, "ms_ssim_real": 0.7}
+    rows = [row("repetitive", 0.6, 0.8), row("noisy", 0.7, 0.6), row("close", 0.9, 0.72), row("closer", 0.95, 0.7)]
+    assert [r["name"] for r in evaluate.rank_settings(rows)] == ["close", "closer", "repetitive", "noisy"]
+
+
 def test_tune_compares_maskgit_sampling_orders_and_keeps_the_chosen_one(run, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(run[0], run_dir)

@@ -295,8 +295,8 @@ def _quick() -> Config:
         gan=GANConfig(epochs=240),  # wgan-gp-latent still improving at 120 (realbrain FD 0.28 -> 0.14 at 240)
         # Twice the default rate: better on both data sets at the same cost; 2 heads of 64. The sequential head with
         # mirrored maps (twice the maps per epoch), 12 epochs: the one setting whose judge met the bar on validation on
-        # both data sets, at twice the independent head's training time; 6 epochs (that time) did no better than
-        # the independent head on validation (EXPERIMENTS.md, "Session of 4 December 2026").
+        # both data sets on average, at twice the independent head's training time; 6 epochs (that time) did no
+        # better than the independent head on validation (EXPERIMENTS.md, "Session of 4 December 2026").
         maskgit=MaskGITConfig(lr=4e-3, heads=2, epochs=12, head="sequential", mirror=True),
         pixelcnn=PixelCNNConfig(hidden=64, layers=8, epochs=7, batch_size=32),
         n_samples=256,

@@ -101,7 +101,7 @@ def test_torchrun_driver_writes_one_run_folder(data, tmp_path):
     env = dict(os.environ, OASIS_VQVAE_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(ROOT / "driver.py"), "--data-dir", str(data / "data"), "--preset", "tiny", "--device", "cpu",
-           "--run-dir", str(tmp_path / "run")]
+           "--run-dir", str(tmp_path / "run"), "--maskgit-head", "sequential", "--mirror"]  # the quick preset's MaskGIT
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -89,11 +89,10 @@ class GANConfig:
         return {}
 
     def check(self) -> None:
-        """One ValueError line for a head or target the generator cannot have, before any training."""
-        if self.head not in ("snap", "logits"):
-            raise ValueError(f"GAN head must be 'snap' or 'logits', not {self.head!r}")
-        if self.target not in ("codes", "encoder"):
-            raise ValueError(f"GAN target must be 'codes' or 'encoder', not {self.target!r}")
+        """One ValueError line for an augmentation it does not know, or a head and target the generator cannot
+        have together, before any training."""
+        for name in filter(None, self.augment.split(",")):
+            check_choice("gan.augment", name)
         if self.target == "encoder" and self.head != "snap":
             raise ValueError(f"a GAN on the encoder's outputs needs the snap head, not {self.head!r}: use "
                              f"--gan-recipe wgan-gp or hinge-r1 for a {self.head!r} head")
@@ -147,6 +146,7 @@ class PixelCNNConfig:
 
 
 MASKGIT_ORDERS = ("confidence", "random")  # which drawn tokens a decoding step keeps (MaskGITPrior.sample)
+MASKGIT_HEADS = ("independent", "sequential")
 
 
 @dataclass
@@ -221,9 +221,42 @@ class Config:
         A hand-edited config.json is refused in one ValueError line naming the dotted key: an unknown one
         ("unknown config field 'train.lrr'; did you mean 'train.lr'?") or a value of the wrong type."""
         cfg = from_fields(cls, upgraded(d), "")
-        if cfg.prior not in PRIORS:
-            raise ValueError(f"config field 'prior' must be one of {', '.join(PRIORS)}, not {cfg.prior!r}")
+        check_choices(cfg)
         return cfg
+
+
+# The fields that take one of a few names, each list written once: the CLI offers them and a loaded config is
+# held to them, so that a typo in a hand-edited config.json is refused before anything trains instead of
+# building another model than the one named (or failing only when its stage starts, after the VQ-VAE).
+CHOICES = {
+    "prior": PRIORS,
+    "model.codebook": ("ema", "loss"),
+    "train.lr_schedule": ("constant", "cosine"),
+    "runtime.amp": ("auto", "bf16", "off"),
+    "gan.loss": ("bce", "hinge", "wgan"),
+    "gan.head": ("snap", "logits"),
+    "gan.target": ("codes", "encoder"),
+    "gan.critic_norm": ("batch", "spectral", "none"),
+    "gan.augment": ("translation", "cutout"),    # a comma-separated list of these (GANConfig.check)
+    "maskgit.head": MASKGIT_HEADS,
+    "maskgit.order": MASKGIT_ORDERS,
+}
+
+
+def check_choice(name: str, value) -> None:
+    """One ValueError line when `value` is not one of the names CHOICES allows the field `name`."""
+    if value not in CHOICES[name]:
+        raise ValueError(f"config field {name!r} must be one of {', '.join(CHOICES[name])}, not {value!r}")
+
+
+def check_choices(cfg: Config) -> None:
+    """Every field of CHOICES, then the GAN's fields that must agree with each other."""
+    for name in CHOICES.keys() - {"gan.augment"}:
+        value = cfg
+        for part in name.split("."):
+            value = getattr(value, part)
+        check_choice(name, value)
+    cfg.gan.check()
 
 
 def upgraded(d):

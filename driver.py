@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 import figures
-from config import DEFAULT_GAN_RECIPE, DEFAULT_PRIOR, GAN_RECIPES, PRESETS, PRIORS, Config, gan_recipe, preset
+from config import CHOICES, DEFAULT_GAN_RECIPE, DEFAULT_PRIOR, GAN_RECIPES, PRESETS, PRIORS, Config, gan_recipe, preset
 from dataset import BUILTIN_DIR, DataError, ensure_builtin, load_splits
 from evaluate import evaluate_run, load_vqvae, nearest_training, reconstruction_example
 from runs import (Interrupted, PeakMemory, RunError, at_least, barrier, check_same_architecture, checkpoint_path,
@@ -48,7 +48,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=at_least(1), help="VQ-VAE batch size (default: from the preset; 32)")
     p.add_argument("--lr", type=positive_float, help="VQ-VAE learning rate (default: from the preset; paper 1e-3, "
                                                      "quick 2e-3)")
-    p.add_argument("--lr-schedule", choices=("constant", "cosine"),
+    p.add_argument("--lr-schedule", choices=CHOICES["train.lr_schedule"],
                    help="VQ-VAE learning rate over training: constant (the report's) or cosine decay to 0 "
                         "(default: from the preset; paper constant, quick cosine)")
     p.add_argument("--num-codes", type=at_least(2), help="codebook size K (default: from the preset; paper 512)")
@@ -65,7 +65,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "hinge-r1 (hinge loss, R1 penalty, DiffAugment, minibatch-std critic, EMA "
                         "generator, on the code maps), report (the original BCE GAN, which collapses) "
                         f"(default: {DEFAULT_GAN_RECIPE})")
-    p.add_argument("--gan-head", choices=("snap", "logits"), help="GAN generator head: snap a continuous map to the "
+    p.add_argument("--gan-head", choices=CHOICES["gan.head"], help="GAN generator head: snap a continuous map to the "
                    "codebook, or per-position code logits, argmax forward and softmax gradient; logits need a "
                    "recipe on the code maps (default: the recipe's; snap, wgan-gp and hinge-r1: logits)")
     p.add_argument("--pixelcnn-epochs", "--prior-epochs", type=at_least(1), dest="pixelcnn_epochs",
@@ -73,7 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--pixelcnn-lr", type=positive_float, help="PixelCNN learning rate (default: from the preset; 1e-3)")
     p.add_argument("--maskgit-epochs", type=at_least(1),
                    help="MaskGIT epochs (default: from the preset; paper 8, quick 12)")
-    p.add_argument("--maskgit-head", choices=("independent", "sequential"),
+    p.add_argument("--maskgit-head", choices=CHOICES["maskgit.head"],
                    help="how MaskGIT draws the codes of one token: each on its own given the rest, or one after "
                         "another, each seeing those before (default: from the preset; paper independent, quick "
                         "sequential)")
@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "off otherwise)")
     p.add_argument("--samples", type=at_least(2), help="slices to generate for the generation metrics "
                                                         "(default: from the preset; paper 512, quick 256)")
-    p.add_argument("--amp", choices=("auto", "bf16", "off"), help="bf16 autocast (default: auto = CUDA, or a CPU "
+    p.add_argument("--amp", choices=CHOICES["runtime.amp"], help="bf16 autocast (default: auto = CUDA, or a CPU "
                                                                     "with native bf16)")
     p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
                    help="torch.compile encoder and decoder with this backend (default: off; bare flag: inductor)")

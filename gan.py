@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-LOSSES = ("bce", "hinge", "wgan")
+from config import CHOICES
+
+LOSSES = CHOICES["gan.loss"]
 
 
 def critic_loss(kind: str, d_real: torch.Tensor, d_fake: torch.Tensor, real_label: float = 1.0) -> torch.Tensor:

@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from config import Config, GANConfig, ModelConfig, PixelCNNConfig
+from config import Config, GANConfig, ModelConfig, PixelCNNConfig, check_choice
 from priors import MaskGITPrior
 
 
@@ -124,8 +124,7 @@ class VectorQuantizer(nn.Module):
     def __init__(self, num_codes: int, code_dim: int, beta: float = 0.25, mode: str = "ema",
                  decay: float = 0.99, dead_after: int = 100, eps: float = 1e-5):
         super().__init__()
-        if mode not in ("ema", "loss"):
-            raise ValueError(f"codebook mode must be 'ema' or 'loss', not {mode!r}")
+        check_choice("model.codebook", mode)
         self.num_codes, self.code_dim, self.beta, self.mode = num_codes, code_dim, beta, mode
         self.decay, self.dead_after, self.eps = decay, dead_after, eps
         init = torch.randn(num_codes, code_dim) / math.sqrt(code_dim)
@@ -306,9 +305,6 @@ class MinibatchStd(nn.Module):
         return torch.cat([x, std.to(x.dtype).view(1, n // g, 1, 1, 1).expand(g, -1, 1, h, w).reshape(n, 1, h, w)], 1)
 
 
-CRITIC_NORMS = ("batch", "spectral", "none")
-
-
 class Discriminator(nn.Module):
     """Code map -> one score per map (a logit or a critic estimate: the loss decides).
 
@@ -318,8 +314,7 @@ class Discriminator(nn.Module):
 
     def __init__(self, cfg: GANConfig, latent_size: int, in_channels: int):
         super().__init__()
-        if cfg.critic_norm not in CRITIC_NORMS:
-            raise ValueError(f"critic_norm must be one of {', '.join(CRITIC_NORMS)}, not {cfg.critic_norm!r}")
+        check_choice("gan.critic_norm", cfg.critic_norm)
         c = cfg.d_width
         sn = nn.utils.parametrizations.spectral_norm if cfg.critic_norm == "spectral" else (lambda layer: layer)
         norm = nn.BatchNorm2d if cfg.critic_norm == "batch" else (lambda ch: nn.Identity())

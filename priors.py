@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from config import MASKGIT_ORDERS, MaskGITConfig, ModelConfig
+from config import MaskGITConfig, ModelConfig, check_choice
 
 
 def cosine_mask_ratio(r: torch.Tensor) -> torch.Tensor:
@@ -85,8 +85,8 @@ class MaskGITPrior(nn.Module):
             self.mix = nn.Sequential(nn.LayerNorm(d), nn.Linear(d, d), nn.GELU(), nn.Linear(d, d))
             nn.init.zeros_(self.mix[-1].weight)  # starts as the independent head plus an additive context
             nn.init.zeros_(self.mix[-1].bias)
-        elif cfg.head != "independent":
-            raise ValueError(f"unknown MaskGIT head {cfg.head!r}; choose 'sequential' or 'independent'")
+        else:
+            check_choice("maskgit.head", cfg.head)
 
     # maps <-> tokens
     def to_tokens(self, idx: torch.Tensor) -> torch.Tensor:
@@ -167,8 +167,7 @@ class MaskGITPrior(nn.Module):
         choice_temperature = c.choice_temperature if choice_temperature is None else choice_temperature
         top_k = c.top_k if top_k is None else top_k
         order = order or c.order
-        if order not in MASKGIT_ORDERS:
-            raise ValueError(f"unknown MaskGIT sampling order {order!r}; choose one of {', '.join(MASKGIT_ORDERS)}")
+        check_choice("maskgit.order", order)
         floor = self.cfg.label_smoothing if order == "random" else 0.0
         device = torch.device(device) if device is not None else self.pos.device
         was_training = self.training

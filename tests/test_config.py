@@ -31,6 +31,15 @@ def test_missing_fields_take_their_defaults_and_an_int_fits_a_float():
     ({"train": 5}, "config field 'train' must be a mapping of field names to values, not 5"),
     (None, "a config must be a mapping of field names to values, not None"),
     ([], "a config must be a mapping of field names to values, not []"),
+    ({"prior": "pixelcn"}, "config field 'prior' must be one of gan, pixelcnn, maskgit, not 'pixelcn'"),
+    ({"maskgit": {"head": "seqential"}},
+     "config field 'maskgit.head' must be one of independent, sequential, not 'seqential'"),
+    ({"maskgit": {"order": "greedy"}}, "config field 'maskgit.order' must be one of confidence, random, not 'greedy'"),
+    ({"runtime": {"amp": "fp16"}}, "config field 'runtime.amp' must be one of auto, bf16, off, not 'fp16'"),
+    ({"gan": {"augment": "translation,flip"}},
+     "config field 'gan.augment' must be one of translation, cutout, not 'flip'"),
+    ({"gan": {"head": "logits", "target": "encoder"}}, "a GAN on the encoder's outputs needs the snap head, not "
+     "'logits': use --gan-recipe wgan-gp or hinge-r1 for a 'logits' head"),
 ])
 def test_hand_edited_config_is_refused_in_one_line_naming_the_key(d, message):
     with pytest.raises(ValueError) as err:

@@ -25,7 +25,7 @@ from pathlib import Path
 import figures
 from config import DEFAULT_GAN_RECIPE, GAN_RECIPES, PRIORS, gan_recipe, preset
 from dataset import ensure_builtin, load_splits
-from evaluate import decode_indices, generation_metrics, load_vqvae, real_reference, sample_codes
+from evaluate import decode_indices, generation_metrics, load_vqvae, real_reference, sample_codes, samples_to_draw
 from runs import RunError, at_least, find_run, parse_device, use_bf16, write_json
 from train import train_prior
 
@@ -59,11 +59,11 @@ def variant_config(cfg, name: str, recipe: str | None, gan_epochs: int | None):
 
 
 def measure(prior, name: str, cfg, vqvae, real: dict, device) -> dict:
-    """Generation metrics of `cfg.n_samples` samples, and the seconds to sample 64 maps."""
+    """Generation metrics of `samples_to_draw` samples, and the seconds to sample 64 maps."""
     t = time.perf_counter()
     sample_codes(prior, 64, cfg.seed + 1, device, getattr(cfg, name))
     sample_64_s = time.perf_counter() - t
-    idx = sample_codes(prior, cfg.n_samples, cfg.seed, device, getattr(cfg, name))
+    idx = sample_codes(prior, samples_to_draw(cfg, len(real["validate"])), cfg.seed, device, getattr(cfg, name))
     samples = decode_indices(vqvae, idx, bf16=use_bf16(device, cfg.runtime.amp))
     return {**generation_metrics(samples, idx, real, cfg.model.num_codes), "sample_64_s": sample_64_s}, samples
 

@@ -209,7 +209,8 @@ class Config:
     pixelcnn: PixelCNNConfig = field(default_factory=PixelCNNConfig)
     maskgit: MaskGITConfig = field(default_factory=MaskGITConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    n_samples: int = 512         # generated slices for the generation metrics (figures show the first 64)
+    n_samples: int = 512         # generated slices for the generation metrics, at most one per validation slice
+                                 # (evaluate.samples_to_draw); figures show the first 64
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

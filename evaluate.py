@@ -213,14 +213,20 @@ def generation_metrics(samples: torch.Tensor, sample_idx: torch.Tensor, real: di
     }
 
 
+def samples_to_draw(cfg: Config, n_validate: int) -> int:
+    """How many samples the generation metrics and the judge use: the run's `n_samples`, at most as many as there
+    are validation slices (generation_metrics and tune compare sets of equal size, so more would go unused)."""
+    return min(cfg.n_samples, n_validate)
+
+
 @torch.no_grad()
 def evaluate_run(vqvae, cfg: Config, splits: dict[str, Split], priors: dict, device) -> tuple[dict, dict]:
     """metrics.json's measurements, and what the figures show: test and validation reconstruction metrics, and
-    for each prior in `priors` ({name: model}) `cfg.n_samples` samples with the generation metrics.
+    for each prior in `priors` ({name: model}) `samples_to_draw` samples with the generation metrics.
     Returns (results, samples {name: (slices, index maps)})."""
     bf16 = use_bf16(device, cfg.runtime.amp)
     results = {s: evaluate_vqvae(vqvae, splits[s].images, 64, device, bf16) for s in ("test", "validate")}
-    samples = sample_priors(vqvae, cfg, priors, device)
+    samples = sample_priors(vqvae, cfg, priors, device, n=samples_to_draw(cfg, len(splits["validate"])))
     if priors:
         real = real_reference(vqvae, splits, cfg.judge, device, bf16)
     for name in priors:
@@ -233,7 +239,7 @@ def evaluate_run(vqvae, cfg: Config, splits: dict[str, Split], priors: dict, dev
 def tune_sampling(prior, name: str, vqvae, cfg: Config, splits: dict[str, Split], grid: dict[str, list],
                   device) -> list[dict]:
     """Judge every combination of the sampling settings in `grid` ({setting: values}) on the VALIDATION split,
-    never the test split: `cfg.n_samples` samples against the VQ-VAE's reconstructions of the validation
+    never the test split: `samples_to_draw` samples against the VQ-VAE's reconstructions of the validation
     slices (the prior alone), with MS-SSIM diversity beside it. Returns one row per combination,
     {**settings, "c2st_recon_val", "ms_ssim", "ms_ssim_real"}, best first (`rank_settings`)."""
     bf16 = use_bf16(device, cfg.runtime.amp)
@@ -244,7 +250,8 @@ def tune_sampling(prior, name: str, vqvae, cfg: Config, splits: dict[str, Split]
     for values in itertools.product(*grid.values()):
         settings = dict(zip(grid, values))
         part = dataclasses.replace(getattr(cfg, name), **settings)
-        samples = decode_indices(vqvae, sample_codes(prior, cfg.n_samples, cfg.seed, device, part), bf16=bf16)
+        idx = sample_codes(prior, samples_to_draw(cfg, len(recon)), cfg.seed, device, part)
+        samples = decode_indices(vqvae, idx, bf16=bf16)
         rows.append({**settings, "c2st_recon_val": metrics.c2st(samples, recon, **judge)["auc"],
                      "ms_ssim": metrics.mean_pairwise_ms_ssim(samples), "ms_ssim_real": diversity_real})
     return rank_settings(rows)
@@ -257,12 +264,12 @@ def rank_settings(rows: list[dict], band: float = 0.05) -> list[dict]:
     return sorted(rows, key=lambda r: (abs(r["ms_ssim"] - r["ms_ssim_real"]) > band, r["c2st_recon_val"]))
 
 
-def sample_priors(vqvae, cfg: Config, priors: dict, device) -> dict:
-    """{name: (slices, index maps)}: `cfg.n_samples` new slices from each prior, with the run's seed."""
+def sample_priors(vqvae, cfg: Config, priors: dict, device, n: int | None = None) -> dict:
+    """{name: (slices, index maps)}: n (default `cfg.n_samples`) new slices from each prior, with the run's seed."""
     bf16 = use_bf16(device, cfg.runtime.amp)
     samples = {}
     for name, prior in priors.items():
-        idx = sample_codes(prior, cfg.n_samples, cfg.seed, device, getattr(cfg, name))
+        idx = sample_codes(prior, n or cfg.n_samples, cfg.seed, device, getattr(cfg, name))
         samples[name] = (decode_indices(vqvae, idx, bf16=bf16), idx)
     return samples
 

@@ -83,10 +83,13 @@ class GANConfig:
     real_label: float = 1.0      # BCE target for real maps; 0.9 is one-sided label smoothing
     mirror: bool = False         # also learn the code maps of the training slices' left-right mirror images (twice
                                  # the maps per epoch)
+    temperature: float = 1.0     # standard deviation of the generator's input noise when sampling: below 1 favours
+                                 # the typical maps over the rare ones (the truncation trick's simplest form); chosen
+                                 # on the validation split by the judge (`predict.py tune --prior gan`)
 
     def sampling(self) -> dict:
         """Keyword arguments of the prior's `sample`."""
-        return {}
+        return {"temperature": self.temperature}
 
     def check(self) -> None:
         """One ValueError line for an augmentation it does not know, or a head and target the generator cannot

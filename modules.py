@@ -373,10 +373,13 @@ class CodeGenerator(nn.Module):
         return hard.permute(0, 3, 1, 2), idx
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
-        """n index maps from noise drawn on the CPU by `generator`: a seed gives the same maps on any device."""
+    def sample(self, n: int, generator: torch.Generator | None = None, device=None,
+               temperature: float = 1.0) -> torch.Tensor:
+        """n index maps from noise drawn on the CPU by `generator`: a seed gives the same maps on any device.
+        The noise is scaled by `temperature`, so one seed's maps at lower temperatures lie between the same
+        draws and the generator's map for zero noise."""
         device = torch.device(device) if device is not None else self.codebook.device
-        noise = torch.randn(n, self.noise_dim, generator=generator).to(device)
+        noise = temperature * torch.randn(n, self.noise_dim, generator=generator).to(device)
         was_training = self.training
         self.eval()
         try:

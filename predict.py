@@ -4,7 +4,7 @@
     python predict.py reconstruct --run RUN --images DIR --out OUT
     python predict.py generate    --run RUN --n 16 --out OUT [--seed S] [--prior NAME]
     python predict.py figures     --run RUN
-    python predict.py tune        --run RUN [--prior NAME] [--top-k 0 4 16] [--temperature 1.0 0.9] [--steps 8 12]
+    python predict.py tune        --run RUN [--prior NAME] [--temperature 1.0 0.9] [--top-k 0 4 16] [--steps 8 12]
                                   [--choice-temperature 4.5 20] [--order confidence random]
 """
 from __future__ import annotations
@@ -113,10 +113,11 @@ def cmd_tune(args, device) -> None:
     cfg = run_config(run)
     name = args.prior or cfg.prior
     prior, _ = load_prior(run, name, vqvae, device)
-    grid = {"top_k": args.top_k, "temperature": args.temperature}
-    grid.update({k: v for k, v in (("steps", args.steps), ("choice_temperature", args.choice_temperature),
-                                   ("order", args.order)) if v})
-    missing = set(grid) - set(getattr(cfg, name).sampling())
+    settings = getattr(cfg, name).sampling()
+    top_k = args.top_k or ([0, 4, 16] if "top_k" in settings else None)  # the default grid, where it applies
+    grid = {k: v for k, v in (("top_k", top_k), ("temperature", args.temperature), ("steps", args.steps),
+                              ("choice_temperature", args.choice_temperature), ("order", args.order)) if v}
+    missing = set(grid) - set(settings)
     if missing:
         raise RunError(f"the {name} prior has no sampling setting {', '.join(sorted(missing))} to tune")
     rows = tune_sampling(prior, name, vqvae, cfg, load_splits(data_dir(cfg), cfg.model.image_size), grid, device)
@@ -177,10 +178,12 @@ def parse_args(argv=None):
     c = command("tune", "choose the prior's sampling settings on the VALIDATION split by the judge (C2ST against "
                         "the VQ-VAE's reconstructions), and keep the best in the run for generate and figures")
     c.add_argument("--prior", choices=PRIORS, help="which prior (default: the run's own)")
-    c.add_argument("--top-k", type=at_least(0), nargs="+", default=[0, 4, 16],
-                   help="top-k values to try; 0 samples from the whole distribution (default: 0 4 16)")
+    c.add_argument("--top-k", type=at_least(0), nargs="+",
+                   help="PixelCNN and MaskGIT: top-k values to try; 0 samples from the whole distribution "
+                        "(default: 0 4 16)")
     c.add_argument("--temperature", type=positive_float, nargs="+", default=[1.0],
-                   help="temperatures to try (default: 1.0)")
+                   help="temperatures to try; for the GAN, the standard deviation of its input noise "
+                        "(default: 1.0)")
     c.add_argument("--steps", type=at_least(1), nargs="+",
                    help="MaskGIT decoding steps to try (default: the run's, not tuned)")
     c.add_argument("--choice-temperature", type=positive_float, nargs="+",

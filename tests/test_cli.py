@@ -203,7 +203,12 @@ def test_tune_chooses_on_validation_and_keeps_the_choice(run, tmp_path, capsys):
     chosen = int(out.split("kept {'top_k': ")[1].split(",")[0])
     assert json.loads((run_dir / "config.json").read_text())["pixelcnn"]["top_k"] == chosen
     assert evaluate.load_prior(run_dir, "pixelcnn", evaluate.load_vqvae(run_dir)[0])[1].pixelcnn.top_k == chosen
-    assert "no sampling setting" in one_error_line(capsys, ["tune", "--run", str(run_dir), "--prior", "gan"])
+    gan_argv = ["tune", "--run", str(run_dir), "--prior", "gan", "--temperature", "1.0", "0.5", "--device", "cpu"]
+    assert predict.main(gan_argv) == 0  # the GAN's one setting, its noise's standard deviation
+    chosen = float(capsys.readouterr().out.split("kept {'temperature': ")[1].split("}")[0])
+    assert json.loads((run_dir / "config.json").read_text())["gan"]["temperature"] == chosen
+    assert "no sampling setting top_k" in one_error_line(capsys, ["tune", "--run", str(run_dir), "--prior", "gan",
+                                                                  "--top-k", "4"])
     assert "no sampling setting steps" in one_error_line(capsys, [*argv, "--steps", "4"])  # MaskGIT's only
 
 

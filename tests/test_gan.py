@@ -68,6 +68,20 @@ def test_sampling_is_deterministic_for_a_seed(trained):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
+def test_sampling_temperature_scales_the_noise_of_the_same_draws(trained):
+    vqvae, _ = trained
+    cfg = preset("tiny")
+    gen = CodeGenerator(cfg.gan, cfg.model).eval()
+    gen.codebook.copy_(vqvae.quantizer.codebook)
+    noise = torch.randn(5, cfg.gan.noise_dim, generator=torch.Generator().manual_seed(3))
+    cooler = sample_codes(gen, 5, seed=3, device=torch.device("cpu"), settings=dataclasses.replace(cfg.gan,
+                                                                                                   temperature=0.5))
+    assert torch.equal(cooler, gen(0.5 * noise)[1])
+    frozen = sample_codes(gen, 5, seed=3, device=torch.device("cpu"), settings=dataclasses.replace(cfg.gan,
+                                                                                                   temperature=1e-9))
+    assert torch.equal(frozen, gen(torch.zeros_like(noise))[1])  # noise all but zero: the one map of zero noise
+
+
 @pytest.mark.parametrize("recipe", list(GAN_RECIPES))
 def test_gan_resume_matches_an_uninterrupted_run(trained, tmp_path, recipe):
     vqvae, data = trained

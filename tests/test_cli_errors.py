@@ -258,6 +258,17 @@ def test_a_mistyped_config_key_is_one_line_naming_the_file(run_copy, tmp_path, c
     assert contents(run_copy) == before
 
 
+def test_a_mistyped_choice_in_config_is_refused_before_anything_trains(run_copy, capsys):
+    path = run_copy / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg["maskgit"]["head"] = "seqential"
+    path.write_text(json.dumps(cfg))
+    before = contents(run_copy)
+    line = one_line(capsys, driver.main(["--resume", "--run-dir", str(run_copy), "--device", "cpu"]))
+    assert "'maskgit.head' must be one of independent, sequential, not 'seqential'" in line
+    assert contents(run_copy) == before
+
+
 # ---------------------------------------------------------------- 11. a divergence caused by a flag
 
 def test_a_flag_that_makes_training_diverge_is_not_kept(run_copy, capsys):

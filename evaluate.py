@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 
 import torch
+from tqdm import tqdm
 
 import metrics
 from config import PRIORS, Config
@@ -225,12 +226,26 @@ def evaluate_run(vqvae, cfg: Config, splits: dict[str, Split], priors: dict, dev
     for each prior in `priors` ({name: model}) `samples_to_draw` samples with the generation metrics.
     Returns (results, samples {name: (slices, index maps)})."""
     bf16 = use_bf16(device, cfg.runtime.amp)
-    results = {s: evaluate_vqvae(vqvae, splits[s].images, 64, device, bf16) for s in ("test", "validate")}
-    samples = sample_priors(vqvae, cfg, priors, device, n=samples_to_draw(cfg, len(splits["validate"])))
-    if priors:
-        real = real_reference(vqvae, splits, cfg.judge, device, bf16)
-    for name in priors:
-        results[f"generation_{name}"] = generation_metrics(*samples[name], real, cfg.model.num_codes)
+    n = samples_to_draw(cfg, len(splits["validate"]))
+    # Minutes on a CPU, most of them the judge's classifiers (two for the real reference, two per prior): a bar
+    # that names the part under way.
+    with tqdm(total=1 + 2 * len(priors) + bool(priors), desc="evaluation", unit="part", leave=False) as bar:
+        bar.set_postfix_str("reconstructions")
+        results = {s: evaluate_vqvae(vqvae, splits[s].images, 64, device, bf16) for s in ("test", "validate")}
+        bar.update()
+        samples = {}
+        for name, prior in priors.items():
+            bar.set_postfix_str(f"{n} {name} samples")
+            samples.update(sample_priors(vqvae, cfg, {name: prior}, device, n))
+            bar.update()
+        if priors:
+            bar.set_postfix_str("the judge on real slices")
+            real = real_reference(vqvae, splits, cfg.judge, device, bf16)
+            bar.update()
+        for name in priors:
+            bar.set_postfix_str(f"the judge on {name} samples")
+            results[f"generation_{name}"] = generation_metrics(*samples[name], real, cfg.model.num_codes)
+            bar.update()
     if cfg.prior in samples:
         results["generation"] = results[f"generation_{cfg.prior}"]
     return results, samples

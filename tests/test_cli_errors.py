@@ -16,6 +16,7 @@ from conftest import default_sigint
 
 import driver
 import predict
+from modules import Discriminator, build_prior
 from synthetic import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,6 +158,15 @@ def test_maskgit_head_flag_reaches_the_config():
     quick = driver.build_config(driver.parse_args(["--preset", "quick"]), None)
     cfg = driver.build_config(driver.parse_args(["--preset", "quick", "--maskgit-head", "independent"]), None)
     assert (quick.maskgit.head, cfg.maskgit.head) == ("sequential", "independent")
+
+
+def test_gan_width_flag_reaches_the_config_and_builds():
+    quick = driver.build_config(driver.parse_args(["--preset", "quick"]), None)
+    cfg = driver.build_config(driver.parse_args(["--preset", "tiny", "--gan-width", "48", "16"]), None)
+    assert (quick.gan.g_width, quick.gan.d_width, cfg.gan.g_width, cfg.gan.d_width) == (64, 32, 48, 16)
+    generator = build_prior("gan", cfg)
+    assert generator.net.net[0].out_channels == 48
+    assert Discriminator(cfg.gan, cfg.model.latent_size, cfg.model.code_dim).net[0].out_channels == 16
 
 
 @pytest.mark.parametrize("device", ["tpu", "mps", "meta"])

@@ -69,9 +69,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "codebook, or per-position code logits, argmax forward and softmax gradient; logits need a "
                    "recipe on the code maps (default: the recipe's; snap, wgan-gp and hinge-r1: logits)")
     p.add_argument("--gan-width", type=at_least(1), nargs=2, metavar=("G", "D"),
-                   help="GAN generator channels at its 4x4 map and critic channels at its first layer (default: "
-                        "64 32; 256 64 with --gan-epochs 480 met every GAN bar on built-in test but not realbrain's "
-                        "FD at 240 epochs: EXPERIMENTS.md)")
+                   help="GAN generator channels at its 4x4 map and critic channels at its first layer (default: from "
+                        "the preset; paper and quick 64 32; 256 64 with --gan-epochs 480 met every GAN bar on "
+                        "built-in test, but not realbrain's FD at 240 epochs: EXPERIMENTS.md)")
     p.add_argument("--pixelcnn-epochs", "--prior-epochs", type=at_least(1), dest="pixelcnn_epochs",
                    help="PixelCNN epochs (default: from the preset; quick 7)")
     p.add_argument("--pixelcnn-lr", type=positive_float, help="PixelCNN learning rate (default: from the preset; 1e-3)")

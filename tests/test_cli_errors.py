@@ -163,7 +163,7 @@ def test_maskgit_head_flag_reaches_the_config():
 def test_gan_width_flag_reaches_the_config_and_builds():
     quick = driver.build_config(driver.parse_args(["--preset", "quick"]), None)
     cfg = driver.build_config(driver.parse_args(["--preset", "tiny", "--gan-width", "48", "16"]), None)
-    assert (quick.gan.g_width, quick.gan.d_width, cfg.gan.g_width, cfg.gan.d_width) == (64, 32, 48, 16)
+    assert (quick.gan.g_width, quick.gan.d_width, cfg.gan.g_width, cfg.gan.d_width) == (256, 64, 48, 16)
     generator = build_prior("gan", cfg)
     assert generator.net.net[0].out_channels == 48
     assert Discriminator(cfg.gan, cfg.model.latent_size, cfg.model.code_dim).net[0].out_channels == 16

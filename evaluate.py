@@ -171,9 +171,10 @@ def real_reference(vqvae, splits: dict[str, Split], judge, device, bf16: bool) -
         real[f"{s}_recon"] = reconstructions(vqvae, splits[s].images, device, bf16)
     draw = training_draw(splits["train"].images, len(splits["test"]))
     real["judge"] = judge_settings(judge, bf16)
-    real["c2st_real"] = metrics.c2st(to_float(draw), real["test"], **real["judge"])["auc"]
-    real["c2st_recon_real"] = metrics.c2st(reconstructions(vqvae, draw, device, bf16), real["test_recon"],
-                                           **real["judge"])["auc"]
+    as_real, as_recon = metrics.c2st_pairs([(to_float(draw), real["test"]),
+                                            (reconstructions(vqvae, draw, device, bf16), real["test_recon"])],
+                                           **real["judge"])
+    real["c2st_real"], real["c2st_recon_real"] = as_real["auc"], as_recon["auc"]
     return real
 
 
@@ -195,6 +196,7 @@ def generation_metrics(samples: torch.Tensor, sample_idx: torch.Tensor, real: di
     f_val = metrics.slice_features(val_subset)
     kid, kid_std = metrics.kernel_inception_distance(f_gen, f_test)
     kid_real, _ = metrics.kernel_inception_distance(f_val, f_test)
+    vs_real, vs_recon = metrics.c2st_pairs([(samples, real["test"]), (samples, real["test_recon"])], **real["judge"])
     return {
         "frechet_distance": metrics.frechet_distance(f_gen, f_test),
         "frechet_distance_real": metrics.frechet_distance(f_val, f_test),
@@ -206,9 +208,9 @@ def generation_metrics(samples: torch.Tensor, sample_idx: torch.Tensor, real: di
         "nn_ssim": float(metrics.nearest_neighbour_ssim(samples, real["train"]).mean()),
         "nn_ssim_real": float(metrics.nearest_neighbour_ssim(test_subset, real["train"]).mean()),
         "code_js": metrics.code_histogram_distance(sample_idx.cpu(), real["test_idx"].cpu(), num_codes),
-        "c2st": metrics.c2st(samples, real["test"], **real["judge"])["auc"],
+        "c2st": vs_real["auc"],
         "c2st_real": real["c2st_real"],
-        "c2st_recon": metrics.c2st(samples, real["test_recon"], **real["judge"])["auc"],
+        "c2st_recon": vs_recon["auc"],
         "c2st_recon_real": real["c2st_recon_real"],
         "n_samples": n,
     }

@@ -6,6 +6,7 @@ downloaded: all randomness is seeded, so every number is reproducible.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -429,32 +430,58 @@ def _jitter(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return x.flip(3) if torch.rand((), generator=g) < 0.5 else x
 
 
-def _c2st_once(a: torch.Tensor, b: torch.Tensor, seed: int, steps: int, batch_size: int, lr: float,
+def _judge_net(size: int, seed: int, device) -> _JudgeNet:
+    """A fresh classifier whose initial weights depend on `seed` alone (the global generator is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _JudgeNet(size).to(device, memory_format=torch.channels_last)
+
+
+def _c2st_once(net: _JudgeNet, a: torch.Tensor, b: torch.Tensor, seed: int, steps: int, batch_size: int, lr: float,
                bf16: bool) -> tuple:
     """One classifier, trained on one half of each set: (AUC, accuracy at logit 0) on the other halves."""
     first, second = _halves(len(a))
     fit, held = (first, second) if seed % 2 == 0 else (second, first)  # odd seeds swap the halves
     g = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = _JudgeNet(a.shape[-1]).to(a.device, memory_format=torch.channels_last)
     opt = torch.optim.Adam(net.parameters(), lr=lr, fused=a.device.type in ("cpu", "cuda"))
     x = torch.cat([a[fit], b[fit]])
     y = torch.cat([torch.zeros(len(fit)), torch.ones(len(fit))]).to(a.device)
     mixed = torch.autocast(a.device.type, torch.bfloat16, enabled=bf16)
-    for _ in range(steps):
-        pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=g).to(a.device)
-        with mixed:
-            logits = net(_jitter(x[pick], g))
-        loss = F.binary_cross_entropy_with_logits(logits, y[pick])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+    with torch.enable_grad():  # grad mode is per thread: a worker thread does not inherit the caller's
+        for _ in range(steps):
+            pick = torch.randint(len(x), (min(batch_size, len(x)),), generator=g).to(a.device)
+            with mixed:
+                logits = net(_jitter(x[pick], g))
+            loss = F.binary_cross_entropy_with_logits(logits, y[pick])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
     net.eval()
     with torch.no_grad():  # scored in float32: bf16 logits (8-bit mantissa) tie often, and ties read as AUC 0.5
         score_a, score_b = net(a[held]).cpu(), net(b[held]).cpu()
     accuracy = float(torch.cat([score_a <= 0, score_b > 0]).float().mean())
     return auc(score_b, score_a), accuracy
+
+
+def _side_by_side(jobs: list, device: torch.device) -> list:
+    """The results of independent callables, in order. On CPU each runs on one thread, as many at once as the
+    process has threads: a small classifier's ops are too small to share between cores (a second thread barely
+    shortens its step), while separate classifiers keep every core busy. One thread per classifier also makes
+    its result the same whatever the machine's thread count. On an accelerator they run one after another."""
+    threads = torch.get_num_threads()
+    if device.type != "cpu" or threads == 1 or len(jobs) == 1:
+        return [job() for job in jobs]
+
+    def single_threaded(job):
+        torch.set_num_threads(1)  # the setting is process-wide; each worker sets it before its first op
+        return job()
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+            return list(pool.map(single_threaded, jobs))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def auc(positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -483,16 +510,37 @@ def c2st(a: torch.Tensor, b: torch.Tensor, seeds: int = 3, steps: int = 1000, ba
     on hardware with fast bf16 it is about twice as fast; the scores then differ from float32's by a little more
     than rounding.
     Returns {"auc": mean over ``seeds`` runs, "accuracy", "std" (of the AUC), "runs" (AUCs), "n"}.
-    Deterministic for given inputs (and precision).
+    Deterministic for given inputs and precision; on CPU also whatever the thread count (each classifier runs on
+    one thread, several side by side).
     """
+    return c2st_pairs([(a, b)], seeds, steps, batch_size, lr, max_size, bf16)[0]
+
+
+def c2st_pairs(pairs: list, seeds: int = 3, steps: int = 1000, batch_size: int = 32, lr: float = 5e-4,
+               max_size: int = 128, bf16: bool = False) -> list[dict]:
+    """:func:`c2st` of each pair (a, b) in ``pairs``, every pair's classifiers side by side: on CPU two tests
+    of three seeds keep two cores busy for three rounds, where one test at a time leaves a core idle in every
+    second round. The results are the same as one :func:`c2st` per pair."""
+    tests = [_judge_sets(a, b, max_size) for a, b in pairs]
+    nets = [_judge_net(a.shape[-1], s, a.device) for a, _ in tests for s in range(seeds)]  # seeding: not thread-safe
+    jobs = [functools.partial(_c2st_once, nets[i * seeds + s], a, b, s, steps, batch_size, lr, bf16)
+            for i, (a, b) in enumerate(tests) for s in range(seeds)]
+    runs = _side_by_side(jobs, tests[0][0].device)
+    return [_c2st_summary(runs[i * seeds:(i + 1) * seeds], len(a)) for i, (a, _) in enumerate(tests)]
+
+
+def _judge_sets(a: torch.Tensor, b: torch.Tensor, max_size: int) -> tuple:
+    """Both sets cut to the same size, clipped to [0, 1] on a's device, and average-pooled to at most max_size."""
     n = min(len(a), len(b))
     if n < 4:
         raise ValueError("need at least 4 images per set")
     a, b = _clip(a[:n]), _clip(b[:n]).to(a.device)
     while a.shape[-1] > max_size:
         a, b = F.avg_pool2d(a, 2), F.avg_pool2d(b, 2)
-    with torch.enable_grad():
-        runs = [_c2st_once(a, b, s, steps, batch_size, lr, bf16) for s in range(seeds)]
+    return a, b
+
+
+def _c2st_summary(runs: list, n: int) -> dict:
     t = torch.tensor([r[0] for r in runs], dtype=torch.float64)
     return {"auc": float(t.mean()), "accuracy": sum(r[1] for r in runs) / len(runs),
             "std": float(t.std()) if len(runs) > 1 else 0.0, "runs": t.tolist(), "n": n}

@@ -169,6 +169,27 @@ def test_c2st_is_deterministic_for_its_inputs():
     assert metrics.c2st(a, b, seeds=2, steps=20) == metrics.c2st(a, b, seeds=2, steps=20)
 
 
+def test_c2st_is_the_same_whatever_the_thread_count_and_grad_mode():
+    a, b = blobs(32, seed=2), blobs(32, seed=3)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = metrics.c2st(a, b, seeds=3, steps=20)
+        torch.set_num_threads(2)
+        with torch.no_grad():  # evaluation calls it so; its classifiers train on worker threads all the same
+            two = metrics.c2st(a, b, seeds=3, steps=20)
+        assert torch.get_num_threads() == 2  # given back as it was
+    finally:
+        torch.set_num_threads(threads)
+    assert one == two
+
+
+def test_c2st_pairs_is_one_c2st_per_pair():
+    a, b, c = blobs(32, seed=2), blobs(32, seed=3), blobs(24, seed=4)
+    assert metrics.c2st_pairs([(a, b), (c, a)], seeds=3, steps=20) == \
+        [metrics.c2st(a, b, seeds=3, steps=20), metrics.c2st(c, a, seeds=3, steps=20)]
+
+
 def test_auc_by_hand():
     assert metrics.auc(torch.tensor([3.0, 4.0]), torch.tensor([1.0, 2.0])) == 1.0
     assert metrics.auc(torch.tensor([1.0, 4.0]), torch.tensor([2.0, 3.0])) == 0.5

@@ -29,6 +29,9 @@ device syncs), in images/s unless said:
               budget and its time is scaled by rows (pixelcnn_sample_rows says how many were drawn).
   maskgit     one MaskGIT training step (train.MaskGITStage) in maps/s over --baseline-steps steps, and the seconds
               to sample 64 maps with the preset's sampling settings (every refinement pass over the whole grid).
+  judge       seconds per judge test (metrics.c2st at the preset's JudgeConfig, JUDGE_SLICES slices a side), two
+              tests side by side as the evaluation runs them (metrics.c2st_pairs); JUDGE_STEPS classifier steps
+              timed and scaled to the judge's steps, since every step is the same work.
   baseline    the baseline's data, step, memory and end-to-end figures, in a fresh process (bench_baseline.py).
 The ratios divide ours by the baseline's; peak fraction = achieved step FLOP/s / the device's peak: a datasheet
 dense-bf16 figure for known GPUs, otherwise a measured large matmul in the training dtype, or --peak-tflops.
@@ -59,8 +62,9 @@ import torch.nn.functional as F
 
 import bench_baseline
 import config
-from dataset import DataError, Split, find_root, list_pngs, load_folder, split_folder_name
-from evaluate import sample_codes
+import metrics
+from dataset import DataError, Split, find_root, list_pngs, load_folder, split_folder_name, to_float
+from evaluate import judge_settings, sample_codes
 from modules import VQVAE
 from runs import PeakMemory, RunError, autocast, pick_device, release_freed_host_memory, use_bf16
 from train import GANStage, MaskGITStage, PixelCNNStage, VQVAEStage, batch_slices, rank_order, setup, training_batch
@@ -68,7 +72,7 @@ from train import GANStage, MaskGITStage, PixelCNNStage, VQVAEStage, batch_slice
 REQUIRED_KEYS = ("device", "preset", "data_img_s", "baseline_data_img_s", "data_ratio", "step_img_s",
                  "end_to_end_img_s", "baseline_end_to_end_img_s", "end_to_end_ratio", "peak_mem_mb",
                  "gflop_per_img", "peak_fraction", "pixelcnn_train_maps_s", "pixelcnn_sample_64_s",
-                 "maskgit_train_maps_s", "maskgit_sample_64_s")
+                 "maskgit_train_maps_s", "maskgit_sample_64_s", "judge_test_s")
 
 # Dense (no sparsity) bf16 tensor-core peaks from the datasheets, TFLOP/s; the first matching name wins.
 CUDA_PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("GH200", 989.0), ("H100", 989.0),
@@ -79,6 +83,8 @@ DEFAULT_STEPS_OTHER = {"cpu": 6, "cuda": 30}
 SAMPLE_MAPS = 64                                  # maps per timed PixelCNN draw
 SAMPLE_BUDGET_S = {"cpu": 4.0, "cuda": 60.0}      # seconds of drawing before the rest is scaled by rows
 CPU_PIXELCNN_BATCH = 4                            # maps per timed PixelCNN training step on a CPU
+JUDGE_SLICES = 192                                # slices a side per judge test: the size of the test splits here
+JUDGE_STEPS = 100                                 # timed classifier steps per judge test
 
 
 def log(*args) -> None:
@@ -361,6 +367,19 @@ def maskgit_phase(b: Bench, vqvae: VQVAE, split: Split) -> dict:
     return out
 
 
+def judge_phase(b: Bench, images_u8: torch.Tensor) -> dict:
+    """Seconds per judge test at the preset's settings, two tests side by side (see the module docstring)."""
+    n = min(JUDGE_SLICES, len(images_u8) // 2)
+    a, other = to_float(images_u8[:n]), to_float(images_u8[n:2 * n])
+    settings = {**judge_settings(b.cfg.judge, b.bf16), "steps": min(JUDGE_STEPS, b.cfg.judge.steps)}
+    sync(b.device)
+    start = time.perf_counter()
+    metrics.c2st_pairs([(a, other), (other, a)], **settings)
+    sync(b.device)
+    per_test = (time.perf_counter() - start) / 2
+    return {"judge_test_s": per_test * b.cfg.judge.steps / settings["steps"], "judge_slices": n}
+
+
 def baseline_phase(b: Bench, train_folder, items: int) -> dict:
     """The baseline's figures, from a fresh process: none of our settings (backend flags, the allocator's
     keep_freed_host_memory) may leak into it."""
@@ -422,6 +441,7 @@ def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int
     out.update(gan_phase(b, vq_stage.model, few))
     out.update(pixelcnn_phase(b, vq_stage.model, few, sample_budget_s or SAMPLE_BUDGET_S.get(device.type, 60.0)))
     out.update(maskgit_phase(b, vq_stage.model, few))
+    out.update(judge_phase(b, split.images))
     del vq_stage, split, few
     free_memory(device)
 
@@ -435,7 +455,8 @@ def bench_preset(cfg: config.Config, device, train_folder, cache_dir, steps: int
 
 def format_table(results: list[dict]) -> str:
     head = ("device", "preset", "data img/s", "base", "x", "step img/s", "base", "x", "e2e img/s", "base", "x",
-            "GAN maps/s", "PixelCNN maps/s", "64 samples s", "MaskGIT maps/s", "64 samples s", "peak MB", "base MB",
+            "GAN maps/s", "PixelCNN maps/s", "64 samples s", "MaskGIT maps/s", "64 samples s", "judge s/test",
+            "peak MB", "base MB",
             "GFLOP/img", "TFLOP/s", "of peak")
     rows = [head]
     for r in results:
@@ -445,7 +466,8 @@ def format_table(results: list[dict]) -> str:
                      f"{r['end_to_end_img_s']:.1f}", f"{r['baseline_end_to_end_img_s']:.1f}",
                      f"{r['end_to_end_ratio']:.1f}x", f"{r['gan_img_s']:.0f}",
                      f"{r['pixelcnn_train_maps_s']:.0f}", f"{r['pixelcnn_sample_64_s']:.3g}",
-                     f"{r['maskgit_train_maps_s']:.0f}", f"{r['maskgit_sample_64_s']:.3g}", f"{r['peak_mem_mb']:.0f}",
+                     f"{r['maskgit_train_maps_s']:.0f}", f"{r['maskgit_sample_64_s']:.3g}", f"{r['judge_test_s']:.3g}",
+                     f"{r['peak_mem_mb']:.0f}",
                      f"{r['baseline_peak_mem_mb']:.0f}", f"{r['gflop_per_img']:.3g}",
                      f"{r['achieved_tflops']:.3g}", f"{r['peak_fraction']:.1%}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(head))]

@@ -465,18 +465,18 @@ def _c2st_once(net: _JudgeNet, a: torch.Tensor, b: torch.Tensor, seed: int, step
 
 def _side_by_side(jobs: list, device: torch.device) -> list:
     """The results of independent callables, in order. On CPU each runs on one thread, as many at once as the
-    process has threads: a small classifier's ops are too small to share between cores (a second thread barely
-    shortens its step), while separate classifiers keep every core busy. One thread per classifier also makes
-    its result the same whatever the machine's thread count. On an accelerator they run one after another."""
+    process has threads: a small classifier's ops are too small to share well between cores (a second thread
+    shortens its step by about a fifth), while separate classifiers keep every core busy. One thread per
+    classifier also makes its result the same whatever the machine's thread count. On an accelerator they run
+    one after another."""
     threads = torch.get_num_threads()
-    if device.type != "cpu" or threads == 1 or len(jobs) == 1:
+    if device.type != "cpu" or threads == 1:
         return [job() for job in jobs]
 
     def single_threaded(job):
-        torch.set_num_threads(1)  # the setting is process-wide; each worker sets it before its first op
+        torch.set_num_threads(1)  # process-wide, and read per thread: each worker sets it before its first op
         return job()
 
-    torch.set_num_threads(1)
     try:
         with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
             return list(pool.map(single_threaded, jobs))

@@ -170,14 +170,16 @@ def test_c2st_is_deterministic_for_its_inputs():
 
 
 def test_c2st_is_the_same_whatever_the_thread_count_and_grad_mode():
-    a, b = blobs(32, seed=2), blobs(32, seed=3)
+    # 64 px in bf16 for 100 steps: small enough to be quick, large enough that a classifier trained at two threads
+    # ends with other scores than at one (smaller images, or float32 for fewer steps, ended the same)
+    a, b = blobs(32, 64, seed=2), blobs(32, 64, seed=3)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = metrics.c2st(a, b, seeds=3, steps=20)
+        one = [metrics.c2st(a, b, seeds=k, steps=100, bf16=True) for k in (1, 2)]
         torch.set_num_threads(2)
         with torch.no_grad():  # evaluation calls it so; its classifiers train on worker threads all the same
-            two = metrics.c2st(a, b, seeds=3, steps=20)
+            two = [metrics.c2st(a, b, seeds=k, steps=100, bf16=True) for k in (1, 2)]  # one classifier: one thread
         assert torch.get_num_threads() == 2  # given back as it was
     finally:
         torch.set_num_threads(threads)

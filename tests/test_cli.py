@@ -1,4 +1,5 @@
 """driver.py end to end on a tiny generated set, then every predict.py subcommand and their bad inputs."""
+import dataclasses
 import json
 import shutil
 
@@ -11,6 +12,7 @@ import compare
 import driver
 import evaluate
 import predict
+from dataset import load_splits
 from synthetic import write_synthetic_dataset
 
 REQUIRED = ["test.ssim", "test.psnr", "test.codebook_usage", "test.perplexity", "generation.frechet_distance",
@@ -216,6 +218,20 @@ def test_tune_ranks_first_the_best_judge_whose_diversity_is_within_the_band_eith
     row = lambda name, judge, ms_ssim: {"name": name, "c2st_recon_val": judge, "ms_ssim": ms_ssim, "ms_ssim_real": 0.7}
     rows = [row("repetitive", 0.6, 0.8), row("noisy", 0.7, 0.6), row("close", 0.9, 0.72), row("closer", 0.95, 0.7)]
     assert [r["name"] for r in evaluate.rank_settings(rows)] == ["close", "closer", "repetitive", "noisy"]
+
+
+def test_tune_judges_settings_two_at_a_time_as_it_would_one_by_one(run):
+    run_dir, data = run
+    vqvae, _ = evaluate.load_vqvae(run_dir)
+    prior, cfg = evaluate.load_prior(run_dir, "pixelcnn", vqvae)
+    # One classifier step: scores near chance that differ by setting (trained on, tiny samples score 1.0 each)
+    cfg = dataclasses.replace(cfg, judge=dataclasses.replace(cfg.judge, steps=1))
+    splits = load_splits(data, cfg.model.image_size)
+    tune = lambda values: evaluate.tune_sampling(prior, "pixelcnn", vqvae, cfg, splits, {"temperature": values},
+                                                 torch.device("cpu"))
+    together = sorted(tune([0.5, 1.0, 2.0]), key=lambda r: r["temperature"])  # a pair, then one alone
+    assert together == [tune([t])[0] for t in (0.5, 1.0, 2.0)]
+    assert len({r["c2st_recon_val"] for r in together}) > 1  # else a mix-up of the settings' scores would pass
 
 
 def test_tune_compares_maskgit_sampling_orders_and_keeps_the_chosen_one(run, tmp_path, capsys):

@@ -1,7 +1,11 @@
 """driver.py end to end on a tiny generated set, then every predict.py subcommand and their bad inputs."""
 import dataclasses
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,6 +22,7 @@ from synthetic import write_synthetic_dataset
 REQUIRED = ["test.ssim", "test.psnr", "test.codebook_usage", "test.perplexity", "generation.frechet_distance",
             "generation.frechet_distance_real", "generation.kid", "generation.ms_ssim", "generation.nn_ssim",
             "timing.vqvae_s", "timing.gan_s", "timing.total_s", "device", "preset", "data_dir"]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -266,3 +271,19 @@ def test_the_judges_reference_draws_training_slices_across_the_split():
     assert len(set(picked)) == 16 and picked != list(range(16)) and max(picked) >= 32  # not the first people
     assert torch.equal(draw, evaluate.training_draw(split, 16))  # seeded
     assert len(evaluate.training_draw(split, 100)) == 64
+
+
+def test_gpu_checks_script_rehearses_at_the_tiny_preset_on_cpu(run, tmp_path):
+    """gpu_checks.sh is what a session lent a GPU runs in one call: its commands must stay valid."""
+    _, data = run
+    report, run_dir = tmp_path / "report", tmp_path / "gpu-run"
+    env = {**os.environ, "PRESET": "tiny", "DEVICE": "cpu", "PYTHON": sys.executable}
+    done = subprocess.run(["bash", str(ROOT / "gpu_checks.sh"), str(data), str(report), str(run_dir)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert sorted(p.name for p in report.iterdir()) == [
+        "bench.json", "bench.log", "driver.log", "metrics.json", "samples_gan.png", "samples_maskgit.png",
+        "samples_pixelcnn.png", "which_are_real.png"]
+    assert json.loads((report / "bench.json").read_text())["results"][0]["preset"] == "tiny"
+    m = json.loads((report / "metrics.json").read_text())
+    assert {"generation_gan", "generation_pixelcnn", "generation_maskgit"} <= set(m)
